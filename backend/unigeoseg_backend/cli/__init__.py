@@ -1,0 +1,1 @@
+"""The ``unigeoseg`` command line: serve, predict, weights."""

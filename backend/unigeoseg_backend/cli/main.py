@@ -1,0 +1,96 @@
+"""``unigeoseg``: serve the backend, segment a raster from the shell, manage weights.
+
+Each subcommand returns an exit code: 0 success, 1 failure (a readable message on stderr),
+2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from unigeoseg_protocol.errors import ProtocolError
+
+from .. import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unigeoseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"unigeoseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(sub)
+    from .predict import add_predict_parser
+    from ..weights import add_weights_parser
+
+    add_predict_parser(sub)
+    add_weights_parser(sub)
+    return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the ZeroMQ backend service")
+    serve.add_argument("--address", help="endpoint to bind (default tcp://127.0.0.1:5557)")
+    serve.add_argument("--config", type=Path, help="TOML file of service settings")
+    serve.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    serve.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint file (.pth)")
+    serve.add_argument("--sam-type", choices=["vit_b", "vit_l", "vit_h", "tiny"],
+                       help="SAM architecture of the checkpoint (default vit_b)")
+    serve.add_argument("--max-message-mb", type=float, help="cap on one request's size")
+    serve.add_argument("--queue-size", type=int, help="requests allowed to wait")
+    serve.add_argument("--request-timeout", type=float, help="default per-request timeout (s)")
+    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    serve.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ..runtime import build_engines, device_info, select_device
+    from ..segmenter import Segmenter
+    from ..service.config import ServiceConfig
+    from ..service.logs import configure_logging
+    from ..service.server import Service
+
+    config = ServiceConfig.from_toml(args.config) if args.config else ServiceConfig()
+    max_bytes = int(args.max_message_mb * 1024 * 1024) if args.max_message_mb else None
+    config = config.with_overrides(
+        address=args.address, device=args.device, sam_checkpoint=args.sam_checkpoint,
+        sam_type=args.sam_type, max_message_bytes=max_bytes, queue_size=args.queue_size,
+        request_timeout_s=args.request_timeout, log_level=args.log_level)
+    configure_logging(config.log_level)
+    device = select_device(config.device)
+    engines = build_engines(config.sam_checkpoint, config.sam_type, device)
+    for name, reason in engines.reasons_unavailable().items():
+        logger.warning("engine %s unavailable: %s", name, reason, extra={"engine": name})
+    for name in engines.available():
+        engines.get(name)  # load weights now: a bad checkpoint fails here, not on first click
+        logger.info("engine %s loaded", name, extra={"engine": name})
+    segmenter = Segmenter(engines, config.image_cache_bytes, config.embedding_cache_bytes)
+    service = Service(config, segmenter, device_info(device))
+    service.start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: service.stop())
+    # The address line on stdout lets a parent process (plugin, tests) wait for readiness.
+    print(f"unigeoseg serving on {service.bound_address}", flush=True)
+    service.serve_forever()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ProtocolError as exc:
+        print(f"unigeoseg {args.command}: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"unigeoseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""``unigeoseg predict``: segment a raster with points and a box, write a GeoPackage.
+
+Runs the same Segmenter as the service, in this process, or sends the tile to a running
+service with ``--server`` (so a warm GPU model is reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from shapely.geometry import shape
+
+from unigeoseg_protocol.params import Prompt, SegmentOptions
+
+from ..errors import CRSError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+def _point(text: str) -> tuple[float, float, int]:
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return float(parts[0]), float(parts[1]), 1
+        if len(parts) == 3 and parts[2].strip() in ("0", "1"):
+            return float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected X,Y or X,Y,LABEL (LABEL 1 or 0), got {text!r}")
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected XMIN,YMIN,XMAX,YMAX, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment a raster from points / a box into a GeoPackage")
+    p.add_argument("raster", type=Path, help="GeoTIFF (or any GDAL raster)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .gpkg or .geojson")
+    p.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]",
+                   help="a prompt point in map coordinates; LABEL 1 (default) or 0; repeatable")
+    p.add_argument("--box", type=_box, metavar="XMIN,YMIN,XMAX,YMAX", help="a prompt box")
+    p.add_argument("--prompt-crs", help="CRS of --point / --box (default: the raster CRS)")
+    p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint (default: weights cache)")
+    p.add_argument("--sam-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--server", help="send the work to a running service at this address")
+    p.add_argument("--bands", help="1-based bands to use as R,G,B (or one grey band)")
+    p.add_argument("--window", type=int, default=1024, help="tile side read around the prompt")
+    p.add_argument("--simplify", type=float, default=0.0, help="tolerance in map units")
+    p.add_argument("--min-area", type=float, default=0.0, help="in square map units")
+    p.add_argument("--single-mask", action="store_true", help="skip SAM's multimask choice")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ..geo.crs import parse_crs
+    from ..geo.grid import TileGrid
+    from ..geo.raster_io import prompt_window, read_tile
+    from ..geo.vector_io import write_vector
+
+    if not args.point and args.box is None:
+        raise InvalidInputError("give at least one --point or a --box")
+    if args.output.exists() and not args.overwrite:
+        raise InvalidInputError(f"{args.output} exists; pass --overwrite to replace it")
+    bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    prompt = Prompt(points=tuple((x, y) for x, y, _ in args.point),
+                    labels=tuple(label for _, _, label in args.point),
+                    box=args.box, task="interactive", crs=args.prompt_crs)
+    options = SegmentOptions(engine="sam", multimask=not args.single_mask,
+                             simplify=args.simplify, min_area=args.min_area)
+
+    with rasterio.open(args.raster) as dataset:
+        if dataset.crs is None:
+            raise CRSError(f"{args.raster} has no CRS; georeference it first")
+        raster_crs = parse_crs(dataset.crs.to_wkt())
+        full = TileGrid(crs=raster_crs, transform=dataset.transform, width=dataset.width,
+                        height=dataset.height)
+        src_crs = parse_crs(args.prompt_crs) if args.prompt_crs else None
+        points_px = full.map_to_pixel(np.asarray(prompt.points, dtype=np.float64).reshape(-1, 2),
+                                      src_crs) if prompt.points else None
+        if points_px is not None:
+            full.check_inside(points_px)
+        box_px = full.box_to_pixel(prompt.box, src_crs) if prompt.box else None
+        window = prompt_window(dataset, points_px, box_px, args.window)
+        tile = read_tile(dataset, window, bands)
+
+    if args.server:
+        features, summary = _segment_remote(args.server, tile, prompt, options)
+    else:
+        features, summary = _segment_local(args, tile, prompt, options)
+    geometries = [shape(f["geometry"]) for f in features["features"]]
+    properties = [f["properties"] for f in features["features"]]
+    write_vector(args.output, geometries, properties, raster_crs, overwrite=args.overwrite)
+    print(f"{len(geometries)} polygon(s) written to {args.output} ({summary})")
+    return 0
+
+
+def _segment_local(args: argparse.Namespace, tile, prompt: Prompt, options: SegmentOptions):
+    from ..runtime import build_engines, select_device
+    from ..segmenter import Segmenter
+
+    engines = build_engines(args.sam_checkpoint, args.sam_type, select_device(args.device))
+    segmenter = Segmenter(engines)
+    record = segmenter.add_image(tile.pixels, tile.georeference, tile.raster)
+    result = segmenter.segment(record, prompt, options)
+    return result.features, f"score {result.score:.3f}, model {result.model}"
+
+
+def _segment_remote(address: str, tile, prompt: Prompt, options: SegmentOptions):
+    from unigeoseg_protocol.client import Client
+
+    with Client(address, timeout_s=600) as client:
+        reply = client.segment(prompt, options, pixels=tile.pixels,
+                               georeference=tile.georeference, raster=tile.raster)
+    result = reply.header["result"]
+    return result["features"], f"score {result['score']:.3f}, model {result['model']} via {address}"

@@ -1,0 +1,1 @@
+"""Segmentation engines (SAM for clicks; UniGeoSeg for text arrives with its issue)."""

@@ -1,0 +1,1 @@
+"""Georeferencing: CRSs, tile grids, pixel normalisation, masks to polygons, vector files."""

@@ -1,0 +1,296 @@
+"""From a georeferenced tile and a prompt to georeferenced polygons.
+
+The :class:`Segmenter` is what the service's worker and ``unigeoseg predict`` both call. It keeps
+uploaded tiles and image embeddings in byte-bounded LRU caches keyed by image id, so that every
+prompt after the first on a tile runs only the engine's prompt decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import numpy as np
+
+from unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
+
+from .engines.cache import ByteLRUCache
+from .errors import (
+    CancelledError,
+    DeadlineExceededError,
+    EngineUnavailableError,
+    InvalidInputError,
+    OutOfBoundsError,
+    UnknownImageError,
+)
+from .geo.crs import parse_crs
+from .geo.grid import TileGrid
+from .geo.pixels import to_rgb8
+from .geo.vectorize import feature_collection, mask_to_polygons, reproject_geometries
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+class CancelToken:
+    """Set by the service when a request is cancelled or runs out of time; checked between stages."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline  # time.monotonic() value, or None for no deadline
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check(self) -> None:
+        if self._cancelled.is_set():
+            raise CancelledError("the request was cancelled")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceededError("the request ran past its timeout")
+
+
+class Engine(Protocol):
+    """What the segmenter needs from an engine (see engines/sam.py)."""
+
+    name: str
+
+    @property
+    def model_id(self) -> str: ...
+
+    def encode(self, rgb: np.ndarray) -> Any: ...
+
+    def predict(self, embedding: Any, points_px: np.ndarray | None, labels: np.ndarray | None,
+                box_px: np.ndarray | None, mask_input: Any, multimask: bool) -> Any: ...
+
+
+@dataclass
+class ImageRecord:
+    """An uploaded tile: the model-ready RGB, which pixels hold data, and where it is."""
+
+    image_id: str
+    grid: TileGrid
+    rgb: np.ndarray    # H x W x 3 uint8
+    valid: np.ndarray  # H x W bool, False for nodata / NaN
+
+    @property
+    def nbytes(self) -> int:
+        return self.rgb.nbytes + self.valid.nbytes
+
+
+@dataclass
+class SegmentResult:
+    """What ``segment`` returns: GeoJSON in the output CRS, and optionally the tile-grid mask."""
+
+    image_id: str
+    features: dict[str, Any]
+    score: float
+    engine: str
+    model: str
+    mask: np.ndarray | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def image_id_for(pixels: np.ndarray, georeference: Georeference, raster: RasterOptions) -> str:
+    """Content hash of a tile: the same pixels at the same place get the same id (and cache)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([pixels.dtype.str, pixels.shape, georeference.to_wire(),
+                              raster.to_wire()], sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(pixels).data)
+    return digest.hexdigest()
+
+
+class EngineRegistry:
+    """Engines by name, created on first use (weights load once per process)."""
+
+    def __init__(self, factories: dict[str, Callable[[], Engine]],
+                 unavailable: dict[str, str] | None = None):
+        self._factories = dict(factories)
+        self._unavailable = dict(unavailable or {})
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> list[str]:
+        return sorted(self._factories)
+
+    def reasons_unavailable(self) -> dict[str, str]:
+        return dict(self._unavailable)
+
+    def loaded(self) -> dict[str, str]:
+        return {name: engine.model_id for name, engine in self._engines.items()}
+
+    def get(self, name: str) -> Engine:
+        with self._lock:
+            if name in self._engines:
+                return self._engines[name]
+            if name not in self._factories:
+                reason = self._unavailable.get(name, f"engine {name!r} is not configured")
+                raise EngineUnavailableError(reason, {"engine": name})
+            engine = self._factories[name]()
+            self._engines[name] = engine
+            return engine
+
+
+class Segmenter:
+    """Tiles in, polygons out, with tile and embedding caches.
+
+    Args:
+        engines: the engines this backend offers.
+        image_cache_bytes: budget for uploaded tiles (RGB + validity).
+        embedding_cache_bytes: budget for image embeddings.
+    """
+
+    def __init__(self, engines: EngineRegistry, image_cache_bytes: int = 2 << 30,
+                 embedding_cache_bytes: int = 2 << 30):
+        self.engines = engines
+        self.images: ByteLRUCache[ImageRecord] = ByteLRUCache(image_cache_bytes)
+        self.embeddings: ByteLRUCache[Any] = ByteLRUCache(embedding_cache_bytes)
+        self._object_masks: ByteLRUCache[Any] = ByteLRUCache(64 << 20)
+        self.encode_count = 0  # image-encoder runs since start, for status and benchmarks
+
+    # ------------------------------------------------------------------ images
+
+    def add_image(self, pixels: np.ndarray, georeference: Georeference,
+                  raster: RasterOptions) -> ImageRecord:
+        """Register a tile (or find it already registered) and return its record."""
+        image_id = image_id_for(pixels, georeference, raster)
+        record = self.images.get(image_id)
+        if record is not None:
+            return record
+        if pixels.ndim not in (2, 3):
+            raise InvalidInputError(f"pixels must be H x W or H x W x C, got shape {pixels.shape}")
+        height, width = pixels.shape[:2]
+        grid = TileGrid.from_georeference(georeference, width=width, height=height)
+        rgb, valid = to_rgb8(pixels, raster)
+        record = ImageRecord(image_id=image_id, grid=grid, rgb=rgb, valid=valid)
+        self.images.put(image_id, record, record.nbytes)
+        return record
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        record = self.images.get(image_id)
+        if record is None:
+            raise UnknownImageError(f"image {image_id} is not cached (evicted or never sent); "
+                                    f"send it again with set_image", {"image_id": image_id})
+        return record
+
+    def embedding(self, record: ImageRecord, engine: Engine,
+                  cancel: CancelToken | None = None) -> tuple[Any, bool]:
+        """The engine's embedding of a tile: (embedding, was_cached)."""
+        key = (record.image_id, engine.model_id)
+        cached = self.embeddings.get(key)
+        if cached is not None:
+            return cached, True
+        if cancel is not None:
+            cancel.check()
+        embedding = engine.encode(record.rgb)
+        self.encode_count += 1
+        self.embeddings.put(key, embedding, getattr(embedding, "nbytes", 0))
+        return embedding, False
+
+    def set_image(self, pixels: np.ndarray, georeference: Georeference, raster: RasterOptions,
+                  engine_name: str = "sam", cancel: CancelToken | None = None,
+                  progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Register a tile and compute (or reuse) its embedding for ``engine_name``."""
+        start = time.perf_counter()
+        record = self.add_image(pixels, georeference, raster)
+        engine = self.engines.get(engine_name)
+        if progress:
+            progress(0, 1, f"encoding with {engine.model_id}")
+        _, cached = self.embedding(record, engine, cancel)
+        if progress:
+            progress(1, 1, "embedding cached" if cached else "encoded")
+        return {"image_id": record.image_id, "width": record.grid.width,
+                "height": record.grid.height, "engine": engine.name, "model": engine.model_id,
+                "embedding": "cached" if cached else "computed",
+                "valid_fraction": float(record.valid.mean()),
+                "elapsed_ms": round((time.perf_counter() - start) * 1000, 3)}
+
+    # ------------------------------------------------------------------ prompts
+
+    def segment(self, record: ImageRecord, prompt: Prompt, options: SegmentOptions,
+                cancel: CancelToken | None = None) -> SegmentResult:
+        """Segment ``prompt`` on a registered tile and vectorise the mask."""
+        timings: dict[str, float] = {}
+        engine_name = options.engine or ("sam" if prompt.task == "interactive" else "unigeoseg")
+        if engine_name == "sam" and prompt.task != "interactive":
+            raise EngineUnavailableError(
+                f"SAM answers point and box prompts only; a {prompt.task} prompt needs the "
+                f"unigeoseg engine", {"engine": engine_name, "task": prompt.task})
+        engine = self.engines.get(engine_name)
+        output_crs = parse_crs(options.output_crs) if options.output_crs else record.grid.crs
+        points_px, labels, box_px = self._prompt_to_pixels(record.grid, prompt)
+
+        tick = time.perf_counter()
+        embedding, cached = self.embedding(record, engine, cancel)
+        timings["encode_ms"] = 0.0 if cached else (time.perf_counter() - tick) * 1000
+        if cancel is not None:
+            cancel.check()
+
+        tick = time.perf_counter()
+        object_key = (record.image_id, engine.model_id, prompt.object_key)
+        mask_input = self._object_masks.get(object_key) if prompt.object_key else None
+        prediction = engine.predict(embedding, points_px, labels, box_px, mask_input,
+                                    options.multimask)
+        if prompt.object_key:
+            logits = prediction.low_res_logits
+            self._object_masks.put(object_key, logits, logits.numel() * logits.element_size())
+        mask = prediction.mask & record.valid
+        timings["decode_ms"] = (time.perf_counter() - tick) * 1000
+        if cancel is not None:
+            cancel.check()
+
+        tick = time.perf_counter()
+        polygons = mask_to_polygons(mask, record.grid.transform, simplify=options.simplify,
+                                    min_area=options.min_area)
+        polygons = reproject_geometries(polygons, record.grid.crs, output_crs)
+        properties = {"score": prediction.score, "engine": engine.name, "model": engine.model_id,
+                      "task": prompt.task, "prompt": describe_prompt(prompt),
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        features = feature_collection(polygons, properties, output_crs)
+        timings["polygonize_ms"] = (time.perf_counter() - tick) * 1000
+        return SegmentResult(image_id=record.image_id, features=features, score=prediction.score,
+                             engine=engine.name, model=engine.model_id,
+                             mask=mask.astype(np.uint8) if options.return_mask else None,
+                             timings_ms={k: round(v, 3) for k, v in timings.items()})
+
+    @staticmethod
+    def _prompt_to_pixels(grid: TileGrid, prompt: Prompt):
+        """Prompt map coordinates to continuous tile pixel coordinates, checked against the tile."""
+        src_crs = parse_crs(prompt.crs) if prompt.crs else None
+        points_px = labels = box_px = None
+        if prompt.points:
+            points_px = grid.map_to_pixel(np.asarray(prompt.points, dtype=np.float64), src_crs)
+            grid.check_inside(points_px)
+            labels = np.asarray(prompt.labels, dtype=np.int64)
+        if prompt.box is not None:
+            c0, r0, c1, r1 = grid.box_to_pixel(prompt.box, src_crs)
+            clipped = (max(c0, 0.0), max(r0, 0.0), min(c1, grid.width), min(r1, grid.height))
+            if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
+                raise OutOfBoundsError(f"the box {list(prompt.box)} does not overlap the tile",
+                                       {"box": list(prompt.box)})
+            box_px = np.asarray(clipped, dtype=np.float64)
+        return points_px, labels, box_px
+
+
+def describe_prompt(prompt: Prompt) -> str:
+    """Short human-readable provenance for the ``prompt`` attribute."""
+    if prompt.text:
+        return prompt.text
+    parts = []
+    if prompt.points:
+        positive = sum(prompt.labels)
+        parts.append(f"{positive} positive, {len(prompt.labels) - positive} negative points")
+    if prompt.box is not None:
+        parts.append("box " + ",".join(f"{v:.6g}" for v in prompt.box))
+    return "; ".join(parts)

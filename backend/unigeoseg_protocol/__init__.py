@@ -1,0 +1,29 @@
+"""The UniGeoSeg wire protocol, shared by the QGIS plugin and the backend.
+
+Dependencies: the standard library, numpy and pyzmq only, so that QGIS's own Python can
+import it. Use relative imports only: the plugin ships a copy of this package inside itself.
+"""
+
+from .errors import ErrorCode, ProtocolError, RemoteError, RequestTimeout
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    OPS,
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    Message,
+    decode_message,
+    encode_message,
+    error_header,
+    is_final,
+    ok_header,
+    progress_header,
+    request_header,
+)
+from .params import ENGINES, TASKS, Georeference, Prompt, RasterOptions, SegmentOptions
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES", "ENGINES", "OPS", "PROTOCOL_VERSION", "TASKS", "WIRE_DTYPES",
+    "ErrorCode", "Georeference", "Message", "Prompt", "ProtocolError", "RasterOptions",
+    "RemoteError", "RequestTimeout", "SegmentOptions", "decode_message", "encode_message",
+    "error_header", "is_final", "ok_header", "progress_header", "request_header",
+]

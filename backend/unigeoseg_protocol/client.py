@@ -1,0 +1,201 @@
+"""A small blocking client for the backend (DEALER socket), used by the CLI, tests and scripts.
+
+The QGIS plugin uses the same message functions with a non-blocking socket on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .errors import ErrorCode, ProtocolError, RemoteError, RequestTimeout
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Message,
+    decode_message,
+    encode_message,
+    is_final,
+    request_header,
+)
+from .params import Georeference, Prompt, RasterOptions, SegmentOptions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5557"
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """Z85-encoded CURVE keys: the server's public key and this client's key pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Client:
+    """Blocking request/reply over a DEALER socket.
+
+    Args:
+        address: backend endpoint, e.g. ``tcp://127.0.0.1:5557``.
+        timeout_s: default time to wait for a final reply.
+        curve: keys for a backend that requires CURVE authentication.
+        max_reply_bytes: replies larger than this are rejected.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 60.0,
+                 curve: CurveClientKeys | None = None,
+                 max_reply_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 context: zmq.Context | None = None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.max_reply_bytes = max_reply_bytes
+        self._context = context or zmq.Context.instance()
+        self._curve = curve
+        self._socket = self._open_socket()
+
+    def _open_socket(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            sock.curve_serverkey = self._curve.server_public
+            sock.curve_publickey = self._curve.public
+            sock.curve_secretkey = self._curve.secret
+        sock.connect(self.address)
+        return sock
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ generic request
+
+    def send(self, op: str, params: Mapping[str, Any] | None = None,
+             arrays: Mapping[str, np.ndarray] | None = None, timeout_s: float | None = None,
+             request_id: str | None = None) -> str:
+        """Send a request without waiting; returns its id (see :meth:`receive`)."""
+        request_id = request_id or new_request_id()
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        header = request_header(op, request_id, params, timeout_ms=int(timeout * 1000))
+        self._socket.send_multipart(encode_message(header, arrays), copy=False)
+        return request_id
+
+    def receive(self, request_id: str, timeout_s: float | None = None,
+                on_progress: ProgressCallback | None = None) -> Message:
+        """Wait for the final reply to ``request_id``; progress events go to ``on_progress``.
+
+        Raises:
+            RemoteError: the backend answered ``ok: false``.
+            RequestTimeout: no final reply within the timeout.
+        """
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+                raise RequestTimeout(f"no reply from {self.address} within {timeout:.1f} s",
+                                     request_id=request_id)
+            frames = self._socket.recv_multipart(copy=False)
+            try:
+                message = decode_message(frames, self.max_reply_bytes)
+            except ProtocolError as exc:
+                logger.warning("dropping undecodable reply: %s", exc)
+                continue
+            if message.id != request_id:
+                logger.debug("dropping stale reply to request %s", message.id)
+                continue
+            if not is_final(message.header):
+                if on_progress is not None:
+                    on_progress(int(message.header.get("done", 0)),
+                                int(message.header.get("total", 0)),
+                                str(message.header.get("message", "")))
+                continue
+            if not message.header["ok"]:
+                error = message.header.get("error") or {}
+                raise RemoteError(error.get("code", ErrorCode.INTERNAL), error.get("message", ""),
+                                  error.get("details"), request_id=request_id)
+            return message
+
+    def request(self, op: str, params: Mapping[str, Any] | None = None,
+                arrays: Mapping[str, np.ndarray] | None = None, timeout_s: float | None = None,
+                on_progress: ProgressCallback | None = None,
+                cancel_on_timeout: bool = True) -> Message:
+        """Send a request and wait for its final reply (see :meth:`receive`)."""
+        request_id = self.send(op, params, arrays, timeout_s)
+        try:
+            return self.receive(request_id, timeout_s, on_progress)
+        except RequestTimeout:
+            if cancel_on_timeout:
+                self.send("cancel", {"target": request_id}, timeout_s=1.0)
+            raise
+
+    # ------------------------------------------------------------------ operations
+
+    def hello(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
+        return self.request("hello", timeout_s=timeout_s).header["result"]
+
+    def status(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
+        return self.request("status", timeout_s=timeout_s).header["result"]
+
+    def cancel(self, target_id: str, timeout_s: float | None = 5.0) -> dict[str, Any]:
+        return self.request("cancel", {"target": target_id}, timeout_s=timeout_s).header["result"]
+
+    def shutdown(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
+        return self.request("shutdown", timeout_s=timeout_s).header["result"]
+
+    def set_image(self, pixels: np.ndarray, georeference: Georeference,
+                  raster: RasterOptions | None = None, engine: str | None = None,
+                  timeout_s: float | None = None,
+                  on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Upload a tile; the backend encodes it (or reuses the cached embedding).
+
+        Returns the result: ``image_id``, ``width``, ``height``, ``embedding`` (``computed`` or
+        ``cached``) and timings.
+        """
+        params: dict[str, Any] = {"georeference": georeference.to_wire(),
+                                  "raster": (raster or RasterOptions()).to_wire()}
+        if engine:
+            params["engine"] = engine
+        reply = self.request("set_image", params, {"pixels": pixels}, timeout_s, on_progress)
+        return reply.header["result"]
+
+    def segment(self, prompt: Prompt, options: SegmentOptions | None = None,
+                image_id: str | None = None, pixels: np.ndarray | None = None,
+                georeference: Georeference | None = None, raster: RasterOptions | None = None,
+                timeout_s: float | None = None,
+                on_progress: ProgressCallback | None = None) -> Message:
+        """Segment a cached image (``image_id``) or an inline tile (``pixels`` + georeference).
+
+        Returns the reply: ``header["result"]["features"]`` is a GeoJSON FeatureCollection and
+        ``arrays["mask"]`` the binary mask when ``options.return_mask`` is set.
+        """
+        params: dict[str, Any] = {"prompt": prompt.to_wire(),
+                                  "options": (options or SegmentOptions()).to_wire()}
+        arrays = None
+        if image_id is not None:
+            params["image_id"] = image_id
+        elif pixels is not None and georeference is not None:
+            params["georeference"] = georeference.to_wire()
+            params["raster"] = (raster or RasterOptions()).to_wire()
+            arrays = {"pixels": pixels}
+        else:
+            raise ValueError("segment needs image_id, or pixels with a georeference")
+        return self.request("segment", params, arrays, timeout_s, on_progress)
