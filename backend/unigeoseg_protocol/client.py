@@ -66,6 +66,10 @@ class Client:
         self._context = context or zmq.Context.instance()
         self._curve = curve
         self._socket = self._open_socket()
+        # Messages for requests sent by this client but not yet received, read while waiting
+        # for another request (several requests may be in flight on one socket).
+        self._outstanding: set[str] = set()
+        self._inbox: dict[str, list[Message]] = {}
 
     def _open_socket(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
@@ -96,6 +100,7 @@ class Client:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         header = request_header(op, request_id, params, timeout_ms=int(timeout * 1000))
         self._socket.send_multipart(encode_message(header, arrays), copy=False)
+        self._outstanding.add(request_id)
         return request_id
 
     def receive(self, request_id: str, timeout_s: float | None = None,
@@ -109,30 +114,47 @@ class Client:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+            message = self._next_message(request_id, deadline)
+            if message is None:
+                self._outstanding.discard(request_id)
+                self._inbox.pop(request_id, None)
                 raise RequestTimeout(f"no reply from {self.address} within {timeout:.1f} s",
                                      request_id=request_id)
-            frames = self._socket.recv_multipart(copy=False)
-            try:
-                message = decode_message(frames, self.max_reply_bytes)
-            except ProtocolError as exc:
-                logger.warning("dropping undecodable reply: %s", exc)
-                continue
-            if message.id != request_id:
-                logger.debug("dropping stale reply to request %s", message.id)
-                continue
             if not is_final(message.header):
                 if on_progress is not None:
                     on_progress(int(message.header.get("done", 0)),
                                 int(message.header.get("total", 0)),
                                 str(message.header.get("message", "")))
                 continue
+            self._outstanding.discard(request_id)
+            self._inbox.pop(request_id, None)
             if not message.header["ok"]:
                 error = message.header.get("error") or {}
                 raise RemoteError(error.get("code", ErrorCode.INTERNAL), error.get("message", ""),
                                   error.get("details"), request_id=request_id)
             return message
+
+    def _next_message(self, request_id: str, deadline: float) -> Message | None:
+        """The next message for ``request_id`` (buffering others'), or None at the deadline."""
+        while True:
+            queued = self._inbox.get(request_id)
+            if queued:
+                return queued.pop(0)
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+                return None
+            frames = self._socket.recv_multipart(copy=False)
+            try:
+                message = decode_message(frames, self.max_reply_bytes)
+            except ProtocolError as exc:
+                logger.warning("dropping undecodable reply: %s", exc)
+                continue
+            if message.id == request_id:
+                return message
+            if message.id in self._outstanding:
+                self._inbox.setdefault(message.id, []).append(message)
+            else:
+                logger.debug("dropping stale reply to request %s", message.id)
 
     def request(self, op: str, params: Mapping[str, Any] | None = None,
                 arrays: Mapping[str, np.ndarray] | None = None, timeout_s: float | None = None,

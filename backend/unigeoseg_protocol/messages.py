@@ -96,14 +96,14 @@ def decode_message(frames: Sequence, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
     """
     if not frames:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "empty message")
+    header = _parse_header(frames[0])  # first, so that a size error can name the request
     total = sum(_nbytes(f) for f in frames)
     if total > max_bytes:
         raise ProtocolError(
             ErrorCode.PAYLOAD_TOO_LARGE,
-            f"message is {total} bytes, over the backend's cap of {max_bytes} bytes",
-            {"bytes": total, "max_bytes": max_bytes},
+            f"message is {total} bytes, over the cap of {max_bytes} bytes",
+            {"bytes": total, "max_bytes": max_bytes}, request_id=header.get("id"),
         )
-    header = _parse_header(frames[0])
     arrays = _parse_arrays(header, frames)
     return Message(header=header, arrays=arrays)
 
@@ -180,6 +180,9 @@ def _parse_header(frame) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header must be a JSON object")
     request_id = header.get("id")
+    if request_id is None and header.get("ok") is False:
+        # An error reply to a request whose id could not be read carries "id": null.
+        return header
     if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header needs an 'id' string of 1 to 128 chars")
     version = header.get("v")

@@ -32,6 +32,8 @@ _URN_RE = re.compile(r"^urn:ogc:def:crs:[A-Za-z0-9_.:]+$", re.IGNORECASE)
 _WKT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\s*[\[(]")
 # A PROJ string: "+proj=utm +zone=33 ..." or "proj=utm zone=33 ...".
 _PROJ_RE = re.compile(r"^\+?proj=", re.IGNORECASE)
+# "+init=epsg:4326" or "init=/some/file:id": PROJ would look the definition up in a file.
+_INIT_RE = re.compile(r"(^|\s)\+?init=", re.IGNORECASE)
 
 _ACCEPTED = ("WKT, an authority code such as 'EPSG:32633' or 'OGC:CRS84', "
              "an OGC URN, or a PROJ string ('+proj=...')")
@@ -73,14 +75,17 @@ def _parse_crs_cached(text: str) -> CRS:
     # Each accepted form goes to the pyproj constructor made for it. pyproj's from_user_input
     # (and PROJ's proj_create) also resolve free names, URLs and, with +init, files on disk:
     # none of which a request should be able to make the backend do.
+    if _INIT_RE.search(text) and not _WKT_RE.match(text):
+        raise _refuse(text, "'+init=' PROJ strings make PROJ read files; give the EPSG code")
     try:
         if _WKT_RE.match(text):
             return CRS.from_wkt(text)
         if text.startswith("{"):
             return CRS.from_json_dict(json.loads(text))
         if _PROJ_RE.match(text):
-            if re.search(r"(^|\s)\+?init=", text, re.IGNORECASE):
-                raise _refuse(text, "'+init=' PROJ strings read files; give the EPSG code")
+            if "/" in text or "\\" in text:
+                # e.g. +nadgrids=/some/file: grid names are looked up on PROJ's own path.
+                raise _refuse(text, "file paths are not accepted in PROJ strings")
             return CRS.from_proj4(text)
         match = _AUTHORITY_RE.match(text)
         if match:
@@ -88,6 +93,8 @@ def _parse_crs_cached(text: str) -> CRS:
             return CRS.from_string(f"{match.group(1).upper()}:{match.group(2)}")
         if _URN_RE.match(text):
             return CRS.from_string(text)
+    except CRSError:
+        raise
     except PyprojCRSError as exc:
         raise _refuse(text, f"PROJ cannot resolve it ({exc})") from exc
     except ValueError as exc:  # json.JSONDecodeError and pyproj's own ValueErrors

@@ -231,6 +231,9 @@ class TileGrid:
             raise OutOfBoundsError(
                 f"window col {col_off}..{col_off + width}, row {row_off}..{row_off + height} "
                 f"is not inside the {self.width} x {self.height} grid")
-        return TileGrid(crs=self.crs,
-                        transform=self.transform * Affine.translation(int(col_off), int(row_off)),
+        t = self.transform
+        # The window's outer corner is the parent's pixel corner (col_off, row_off); the linear
+        # part is unchanged. Same as rasterio's window_transform.
+        (x0, y0), = apply_affine(t, np.array([[float(col_off), float(row_off)]]))
+        return TileGrid(crs=self.crs, transform=Affine(t.a, t.b, float(x0), t.d, t.e, float(y0)),
                         width=int(width), height=int(height))

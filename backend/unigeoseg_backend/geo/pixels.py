@@ -161,10 +161,13 @@ def _stretch_band(band: np.ndarray, lo: float, hi: float, valid: np.ndarray | No
     work_dtype = np.float32 if band.dtype.itemsize <= 2 or band.dtype == np.float32 \
         else np.float64
     work = band.astype(work_dtype)
-    work -= work_dtype(lo)
-    work *= work_dtype(255.0 / (hi - lo))
     if valid is not None:
-        work[~valid] = 0  # NaN / inf would make the uint8 cast undefined (and warn)
+        # Invalid values (NaN, inf, -3.4e38 nodata) must not reach the arithmetic: they would
+        # overflow, and NaN makes the uint8 cast undefined. They are zeroed by the caller.
+        work[~valid] = work_dtype(lo)
+    with np.errstate(over="ignore"):  # a huge valid outlier becomes inf, then clips to 255
+        work -= work_dtype(lo)
+        work *= work_dtype(255.0 / (hi - lo))
     np.clip(work, 0, 255, out=work)
     np.rint(work, out=work)
     out[...] = work

@@ -227,7 +227,7 @@ def feature_collection(geoms: Sequence[shapely.Geometry],
         raise InvalidInputError("geometries have non-finite coordinates")
     features = [{"type": "Feature", "geometry": _geojson_geometry(g),
                  "properties": {str(k): _json_value(v) for k, v in p.items()}}
-                for g, p in zip(geoms, props_list)]
+                for g, p in zip(geoms, props_list, strict=True)]
     return {"type": "FeatureCollection",
             "crs": {"type": "name", "properties": {"name": crs_to_text(crs)}},
             "features": features}
