@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 90
 
 
+def backend_python() -> str:
+    """The Python that has the backend installed: this one, unless the tests run in QGIS's."""
+    return os.environ.get("UNIGEOSEG_BACKEND_PYTHON", sys.executable)
+
+
 @pytest.fixture(scope="session")
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     """A ``torch.save`` state dict of the tiny SAM configuration, seeded random weights."""
@@ -58,7 +63,7 @@ def start_backend(log_dir: Path, *args: str) -> BackendProcess:
     """Start ``unigeoseg serve`` on a free loopback port and wait until it says it listens."""
     log_path = log_dir / f"backend-{time.monotonic_ns()}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "unigeoseg_backend.cli.main", "serve",
+    command = [backend_python(), "-m", "unigeoseg_backend.cli.main", "serve",
                "--address", "tcp://127.0.0.1:*", "--device", "cpu", *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env,

@@ -41,7 +41,7 @@ ProgressCallback = Callable[[int, int, str], None]
 
 
 class CancelToken:
-    """Set by the service when a request is cancelled or runs out of time; checked between stages."""
+    """Set when a request is cancelled or runs out of time; checked between stages."""
 
     def __init__(self, deadline: float | None = None):
         self.deadline = deadline  # time.monotonic() value, or None for no deadline

@@ -61,7 +61,8 @@ class Message:
         return params if isinstance(params, dict) else {}
 
 
-def encode_message(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list:
+def encode_message(header: Mapping[str, Any],
+                   arrays: Mapping[str, np.ndarray] | None = None) -> list:
     """Build the frames of one message.
 
     Args:
@@ -78,7 +79,8 @@ def encode_message(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] |
     descriptors = {}
     for name, array in (arrays or {}).items():
         wire = _to_wire_array(name, np.asarray(array))
-        descriptors[name] = {"frame": len(frames), "dtype": wire.dtype.name, "shape": list(wire.shape)}
+        descriptors[name] = {"frame": len(frames), "dtype": wire.dtype.name,
+                             "shape": list(wire.shape)}
         frames.append(memoryview(wire).cast("B") if wire.size else b"")
     if descriptors:
         header["arrays"] = descriptors
@@ -162,7 +164,8 @@ def _as_buffer(frame):
 
 def _to_wire_array(name: str, array: np.ndarray) -> np.ndarray:
     if array.dtype.name not in WIRE_DTYPES:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"array {name!r}: dtype {array.dtype} cannot travel")
+        raise ProtocolError(ErrorCode.BAD_FRAME,
+                            f"array {name!r}: dtype {array.dtype} cannot travel")
     if array.ndim > _MAX_NDIM:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"array {name!r}: {array.ndim} dimensions")
     little = array.dtype.newbyteorder("<")
@@ -176,7 +179,8 @@ def _parse_header(frame) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header is not valid UTF-8 JSON: {exc}") from None
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header must be a JSON object")
     request_id = header.get("id")
@@ -184,7 +188,8 @@ def _parse_header(frame) -> dict[str, Any]:
         # An error reply to a request whose id could not be read carries "id": null.
         return header
     if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "header needs an 'id' string of 1 to 128 chars")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            "header needs an 'id' string of 1 to 128 chars")
     version = header.get("v")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header needs an integer 'v' (protocol version)",
@@ -239,7 +244,8 @@ def _parse_arrays(header: dict[str, Any], frames: Sequence) -> dict[str, np.ndar
     return arrays
 
 
-def _check_descriptor(name: str, desc: Any, request_id: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+def _check_descriptor(name: str, desc: Any,
+                      request_id: str) -> tuple[int, np.dtype, tuple[int, ...]]:
     if not isinstance(desc, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"array {name!r}: descriptor must be an object",
                             request_id=request_id)

@@ -134,12 +134,14 @@ class Prompt:
         if not parsed_points and box is None and not text:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT,
                                 "the prompt is empty: give points, a box or a text instruction")
-        default_task = "interactive" if (parsed_points or box is not None) and not text else "referring"
+        has_geometry = bool(parsed_points) or box is not None
+        default_task = "interactive" if has_geometry and not text else "referring"
         task = value.get("task", default_task)
         if task not in TASKS:
             raise _invalid(f"prompt.task must be one of {TASKS}, got {task!r}")
         if task == "interactive" and not parsed_points and box is None:
-            raise ProtocolError(ErrorCode.EMPTY_PROMPT, "an interactive prompt needs points or a box")
+            raise ProtocolError(ErrorCode.EMPTY_PROMPT,
+                                "an interactive prompt needs points or a box")
         if task in ("referring", "reasoning") and not text:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT, f"a {task} prompt needs a text instruction")
         return cls(points=tuple(parsed_points), labels=tuple(int(lb) for lb in labels),

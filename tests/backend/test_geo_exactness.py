@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from unigeoseg_backend.errors import (
 from unigeoseg_backend.geo.crs import crs_to_text, parse_crs, same_crs, transformer
 from unigeoseg_backend.geo.grid import TileGrid
 from unigeoseg_backend.geo.vectorize import (
+    _euler_number_4,
     feature_collection,
     mask_to_polygons,
     rasterize_polygons,
@@ -172,6 +174,19 @@ def test_reprojection_to_wgs84_matches_pyproj(grid_name: str, shape_name: str) -
     assert moved.exterior.is_ccw
 
 
+@pytest.mark.parametrize("shapely_21", [True, False])
+def test_reprojection_orients_polygons_and_multipolygons(shapely_21: bool, monkeypatch) -> None:
+    if not shapely_21:  # the shapely 2.0 code path
+        monkeypatch.delattr(shapely, "orient_polygons", raising=False)
+    cw = shapely.Polygon([(400000, 5300000), (400000, 5300100), (400100, 5300100),
+                          (400100, 5300000)])
+    assert not cw.exterior.is_ccw
+    multi = shapely.MultiPolygon([cw, shapely.box(401000, 5300000, 401100, 5300100, ccw=False)])
+    moved = reproject_geometries([cw, multi], CRS.from_epsg(32633), CRS.from_epsg(3857))
+    assert moved[0].exterior.is_ccw
+    assert all(p.exterior.is_ccw for p in moved[1].geoms)
+
+
 def test_reprojection_is_noop_for_same_crs() -> None:
     grid = make_grid("wgs84-north-up")
     polys = mask_to_polygons(rect_mask()[0], grid.transform)
@@ -269,6 +284,30 @@ def test_min_area_simplify_and_max_polygons() -> None:
     speckle = (np.indices((H, W)).sum(axis=0) % 2) == 0
     with pytest.raises(InvalidInputError):
         mask_to_polygons(speckle, grid.transform, max_polygons=100)
+
+
+def test_salt_and_pepper_is_rejected_quickly() -> None:
+    grid = make_grid("utm-north-up", 512, 512)
+    speckle = (np.indices((512, 512)).sum(axis=0) % 2) == 0
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError, match="more than 10000"):
+        mask_to_polygons(speckle, grid.transform)
+    assert time.perf_counter() - t0 < 0.5
+    # With a min_area that removes the speckle, it is no longer an error.
+    speckle[100:140, 100:140] = True
+    polys = mask_to_polygons(speckle[:200, :200], grid.transform, min_area=150.0)
+    assert len(polys) == 1 and polys[0].area >= 1600 * 100.0
+
+
+def test_euler_number_bounds_the_region_count() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        m = rng.random((7, 9)) < rng.uniform(0.2, 0.8)
+        n = len(mask_to_polygons(m, Affine.identity()))
+        assert _euler_number_4(m) <= n
+    diag = np.array([[1, 0], [0, 1]], dtype=bool)
+    assert _euler_number_4(diag) == 2 == len(mask_to_polygons(diag, Affine.identity()))
+    assert _euler_number_4(ring_mask()[0]) == 0
 
 
 def test_empty_mask_and_bad_masks() -> None:

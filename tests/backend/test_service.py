@@ -13,9 +13,9 @@ import zmq
 from affine import Affine
 from shapely.geometry import shape
 
-from unigeoseg_protocol import ErrorCode, Georeference, Prompt, RemoteError, SegmentOptions
+from unigeoseg_protocol import Georeference, Prompt, RemoteError, SegmentOptions
 from unigeoseg_protocol.client import Client
-from unigeoseg_protocol.messages import decode_message, encode_message, request_header
+from unigeoseg_protocol.messages import decode_message
 
 # A 30 cm UTM 33N tile whose top-left corner is at (500000, 4100000).
 UTM_TILE = Georeference("EPSG:32633", (500000.0, 0.3, 0.0, 4100000.0, 0.0, -0.3))

@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unigeoseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
-    from .predict import add_predict_parser
     from ..weights import add_weights_parser
+    from .predict import add_predict_parser
 
     add_predict_parser(sub)
     add_weights_parser(sub)

@@ -105,7 +105,7 @@ def read_tile(dataset: rasterio.DatasetReader, window: Window, bands: list[int] 
         # Carry nodata as NaN so that it survives any band choice and stretch downstream.
         pixels = pixels.astype(np.float32)
         pixels[mask == 0] = np.nan
-    transform = dataset.window_transform(window) * Affine.scale(window.width / out_w,
+    transform = dataset.window_transform(window) @ Affine.scale(window.width / out_w,
                                                                 window.height / out_h)
     georeference = Georeference(crs=dataset.crs.to_wkt(), geotransform=tuple(transform.to_gdal()))
     return RasterTile(pixels=np.ascontiguousarray(pixels), georeference=georeference,

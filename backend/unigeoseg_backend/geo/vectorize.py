@@ -49,26 +49,121 @@ def _foreground(mask: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return fg
 
 
-def _drop_collinear(ring: np.ndarray) -> np.ndarray:
-    """Remove the vertices of a closed rectilinear pixel-space ring that sit in the middle of a
-    straight run (and repeated vertices), and close it again.
+def _euler_number_4(fg: np.ndarray) -> int:
+    """Euler number (regions minus holes) of a mask under 4-connectivity, from 2 x 2 pixel
+    quad counts (Gray 1971): ``(Q1 - Q3 + 2 QD) / 4``. Regions = Euler number + holes, so it
+    is a lower bound on the region count, found in milliseconds."""
+    p = np.pad(fg, 1).astype(np.uint8)
+    a, b, c, d = p[:-1, :-1], p[:-1, 1:], p[1:, :-1], p[1:, 1:]
+    n = a + b + c + d
+    q1 = int(np.count_nonzero(n == 1))
+    q3 = int(np.count_nonzero(n == 3))
+    qd = int(np.count_nonzero((n == 2) & (a == d)))  # the two diagonal patterns
+    return (q1 - q3 + 2 * qd) // 4
 
-    Pixel-edge rings have only horizontal and vertical edges on integer coordinates, so the
-    test is exact. Recent GDAL already emits corners only; older versions emit a vertex at every
-    pixel corner, and callers (and exact comparisons) should not depend on which.
+
+class _Rings:
+    """The rings of polygonised regions in pixel space, flattened for vectorised work.
+
+    Attributes:
+        xy: ``(N, 2)`` vertices (integers as float64), rings stored open (no closing vertex).
+        ring_of_point: ``(N,)`` ring index of each vertex, ascending.
+        poly_of_ring: ``(R,)`` polygon index of each ring, ascending; a polygon's first ring
+            is its exterior.
+        is_shell: ``(R,)`` whether the ring is an exterior.
     """
-    pts = ring[:-1]
-    prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
-    straight = (((prev[:, 0] == pts[:, 0]) & (pts[:, 0] == nxt[:, 0]))
-                | ((prev[:, 1] == pts[:, 1]) & (pts[:, 1] == nxt[:, 1])))
-    kept = pts[~straight]
-    return np.concatenate([kept, kept[:1]])
+
+    def __init__(self, fg: np.ndarray, stop_after: int | None):
+        flat: list[tuple[float, float]] = []
+        sizes: list[int] = []
+        poly_of_ring: list[int] = []
+        is_shell: list[bool] = []
+        # Polygonise in pixel space (identity transform): vertices are exact integers there,
+        # which makes the collinearity and area tests below exact; the grid transform is
+        # applied afterwards.
+        for k, (geom, _) in enumerate(
+                rasterio.features.shapes(fg.view(np.uint8), mask=fg, connectivity=4)):
+            if stop_after is not None and k >= stop_after:
+                raise _TooMany()
+            for j, ring in enumerate(geom["coordinates"]):
+                flat.extend(ring[:-1])
+                sizes.append(len(ring) - 1)
+                poly_of_ring.append(k)
+                is_shell.append(j == 0)
+        self.xy = np.array(flat, dtype=np.float64).reshape(-1, 2)
+        self.ring_of_point = np.repeat(np.arange(len(sizes)), sizes)
+        self.poly_of_ring = np.array(poly_of_ring, dtype=np.int64)
+        self.is_shell = np.array(is_shell, dtype=bool)
+        self.n_polygons = (int(self.poly_of_ring[-1]) + 1) if poly_of_ring else 0
+
+    def _neighbours(self) -> tuple[np.ndarray, np.ndarray]:
+        """Index of the previous and next vertex of each vertex, cyclic within its ring."""
+        n_rings = len(self.poly_of_ring)
+        sizes = np.bincount(self.ring_of_point, minlength=n_rings)
+        starts = np.cumsum(sizes) - sizes
+        ends = starts + sizes - 1
+        idx = np.arange(len(self.xy))
+        first = starts[self.ring_of_point] == idx
+        last = ends[self.ring_of_point] == idx
+        prev = np.where(first, ends[self.ring_of_point], idx - 1)
+        nxt = np.where(last, starts[self.ring_of_point], idx + 1)
+        return prev, nxt
+
+    def drop_collinear(self) -> None:
+        """Remove vertices in the middle of a straight run (and repeated vertices).
+
+        Pixel-edge rings have only horizontal and vertical edges on integer coordinates, so
+        the test is exact. Recent GDAL already emits corners only, older versions a vertex at
+        every pixel corner; exact comparisons downstream should not depend on which.
+        """
+        prev, nxt = self._neighbours()
+        x, y = self.xy[:, 0], self.xy[:, 1]
+        straight = ((x[prev] == x) & (x == x[nxt])) | ((y[prev] == y) & (y == y[nxt]))
+        if straight.any():
+            self.xy = self.xy[~straight]
+            self.ring_of_point = self.ring_of_point[~straight]
+
+    def signed_areas(self) -> np.ndarray:
+        """``(R,)`` shoelace signed area of each ring in pixel units (exact for integers)."""
+        _, nxt = self._neighbours()
+        x, y = self.xy[:, 0], self.xy[:, 1]
+        cross = x * y[nxt] - x[nxt] * y
+        return np.bincount(self.ring_of_point, weights=cross,
+                           minlength=len(self.poly_of_ring)) / 2.0
+
+    def keep_polygons(self, keep: np.ndarray) -> None:
+        """Keep only the polygons where ``keep`` (``(P,)`` bool) is True, renumbered."""
+        ring_keep = keep[self.poly_of_ring]
+        point_keep = ring_keep[self.ring_of_point]
+        new_ring_id = np.cumsum(ring_keep) - 1
+        new_poly_id = np.cumsum(keep) - 1
+        self.xy = self.xy[point_keep]
+        self.ring_of_point = new_ring_id[self.ring_of_point[point_keep]]
+        self.poly_of_ring = new_poly_id[self.poly_of_ring[ring_keep]]
+        self.is_shell = self.is_shell[ring_keep]
+        self.n_polygons = int(keep.sum())
+
+    def reverse(self, flip: np.ndarray) -> None:
+        """Reverse the vertex order of the rings where ``flip`` (``(R,)`` bool) is True."""
+        if not flip.any():
+            return
+        sizes = np.bincount(self.ring_of_point, minlength=len(self.poly_of_ring))
+        starts = np.cumsum(sizes) - sizes
+        ends = starts + sizes - 1
+        idx = np.arange(len(self.xy))
+        r = self.ring_of_point
+        order = np.where(flip[r], starts[r] + ends[r] - idx, idx)
+        self.xy = self.xy[order]
 
 
-def _ring_area(ring: np.ndarray) -> float:
-    """Unsigned shoelace area of a closed ring; exact for integer pixel coordinates."""
-    x, y = ring[:, 0], ring[:, 1]
-    return abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2.0
+class _TooMany(Exception):
+    """Internal: the polygon count passed the cap while polygonising."""
+
+
+def _too_many(max_polygons: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"the mask has more than {max_polygons} separate regions (salt-and-pepper noise?); "
+        f"raise min_area or clean the mask", details={"max_polygons": max_polygons})
 
 
 def mask_to_polygons(mask: np.ndarray, transform: Affine, *, simplify: float = 0.0,
@@ -80,7 +175,7 @@ def mask_to_polygons(mask: np.ndarray, transform: Affine, *, simplify: float = 0
         mask: ``H x W`` bool, or uint8 where non-zero is foreground.
         transform: pixel ``(col, row)`` to map ``(x, y)`` of the mask's grid (pixel corners).
         simplify: topology-preserving simplification tolerance in map units of the grid CRS;
-            0 keeps the exact pixel outline.
+            0 keeps the exact pixel outline. Each polygon is simplified on its own.
         min_area: drop polygons whose exact pixel area (pixel count x pixel area, holes
             excluded, before simplification) is below this, in square map units.
         valid: ``H x W`` bool; pixels where it is False count as background.
@@ -90,7 +185,8 @@ def mask_to_polygons(mask: np.ndarray, transform: Affine, *, simplify: float = 0
         Polygons in the grid CRS in raster scan order, exteriors counter-clockwise and holes
         clockwise in map coordinates (RFC 7946), whatever the sign of the transform. Vertices
         are the outline's corners only, each ``transform * (col, row)`` computed exactly as
-        ``Affine.__mul__`` does. Regions touching only at a pixel corner are separate polygons.
+        ``Affine.__matmul__`` does. Regions touching only at a pixel corner are separate
+        polygons.
 
     Raises:
         BadFrameError: mask (or valid) of the wrong shape or dtype.
@@ -106,28 +202,62 @@ def mask_to_polygons(mask: np.ndarray, transform: Affine, *, simplify: float = 0
     fg = _foreground(mask, valid)
     if not fg.any():
         return []
-    pixel_area = abs(transform.determinant)
+    det = transform.determinant
+    pixel_area = abs(det)
 
-    polygons: list[shapely.Polygon] = []
-    # Polygonise in pixel space (identity transform): vertices are exact integers there, which
-    # makes the collinearity and area tests exact; the grid transform is applied afterwards.
-    for geom, _ in rasterio.features.shapes(fg.view(np.uint8), mask=fg, connectivity=4):
-        rings = [_drop_collinear(np.asarray(r, dtype=np.float64)) for r in geom["coordinates"]]
-        n_pixels = _ring_area(rings[0]) - sum(_ring_area(r) for r in rings[1:])
-        if n_pixels * pixel_area < min_area:
-            continue
-        if len(polygons) >= max_polygons:
-            raise InvalidInputError(
-                f"the mask has more than {max_polygons} separate regions; raise min_area or "
-                f"clean the mask", details={"max_polygons": max_polygons})
-        rings = [apply_affine(transform, r) for r in rings]
-        polygons.append(shapely.Polygon(rings[0], rings[1:]))
+    # When no region can fall under min_area (every region has at least one pixel), the
+    # count is known to exceed the cap from the Euler number, before polygonising at all;
+    # else polygonising stops at the first region over the cap.
+    nothing_dropped = min_area <= pixel_area
+    if nothing_dropped and _euler_number_4(fg) > max_polygons:
+        raise _too_many(max_polygons)
+    try:
+        rings = _Rings(fg, stop_after=max_polygons if nothing_dropped else None)
+    except _TooMany:
+        raise _too_many(max_polygons) from None
+    rings.drop_collinear()
+
+    area = rings.signed_areas()  # pixel units, sign = orientation in (col, row) space
+    n_pixels = np.bincount(rings.poly_of_ring, weights=np.where(rings.is_shell, 1.0, -1.0)
+                           * np.abs(area), minlength=rings.n_polygons)
+    keep = n_pixels * pixel_area >= min_area
+    if int(keep.sum()) > max_polygons:
+        raise _too_many(max_polygons)
+    if not keep.all():
+        area = area[keep[rings.poly_of_ring]]
+        rings.keep_polygons(keep)
+    if rings.n_polygons == 0:
+        return []
+
+    # Orientation in map space is the pixel-space orientation times the sign of det: make
+    # exteriors counter-clockwise and holes clockwise there (RFC 7946).
+    map_ccw = area * det > 0
+    rings.reverse(np.where(rings.is_shell, ~map_ccw, map_ccw))
+
+    xy = apply_affine(transform, rings.xy)
+    built = shapely.linearrings(xy, indices=rings.ring_of_point)  # closes each ring
+    polygons = shapely.polygons(built, indices=rings.poly_of_ring)
 
     if simplify > 0:
-        simplified = shapely.simplify(np.asarray(polygons, dtype=object), simplify,
-                                      preserve_topology=True)
-        polygons = [g for g in simplified if not g.is_empty]
-    return [orient(p, sign=1.0) for p in polygons]
+        simplified = shapely.simplify(polygons, simplify, preserve_topology=True)
+        return _orient_ccw([p for p in simplified if not p.is_empty])
+    return list(polygons)
+
+
+def _orient_ccw(geoms: Iterable[shapely.Geometry]) -> list[shapely.Geometry]:
+    """Polygons (and the parts of multipolygons) with counter-clockwise exteriors and
+    clockwise holes; other geometries unchanged. Coordinates are only reordered."""
+    arr = np.asarray(list(geoms), dtype=object)
+    if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1
+        return list(shapely.orient_polygons(arr, exterior_cw=False))
+    out = []
+    for g in arr:
+        if isinstance(g, shapely.Polygon):
+            g = orient(g, sign=1.0)
+        elif isinstance(g, shapely.MultiPolygon):
+            g = shapely.MultiPolygon([orient(p, sign=1.0) for p in g.geoms])
+        out.append(g)
+    return out
 
 
 # -- reprojection ----------------------------------------------------------------------------
@@ -159,7 +289,7 @@ def reproject_geometries(geoms: Iterable[shapely.Geometry], src_crs: CRS,
         return out
 
     moved = shapely.transform(np.asarray(geoms, dtype=object), _move)
-    return [orient(g, sign=1.0) if isinstance(g, shapely.Polygon) else g for g in moved]
+    return _orient_ccw(moved)
 
 
 # -- GeoJSON ---------------------------------------------------------------------------------
@@ -188,6 +318,20 @@ def _geojson_geometry(geom: shapely.Geometry) -> dict[str, Any]:
     if isinstance(geom, shapely.MultiPolygon):
         return {"type": "MultiPolygon", "coordinates": [_polygon_coords(p) for p in geom.geoms]}
     return _listify(dict(mapping(geom)))
+
+
+def _geojson_geometries(geoms: list[shapely.Geometry]) -> list[dict[str, Any]]:
+    """GeoJSON geometry dicts; polygons in one vectorised pass (one ``tolist`` for all
+    coordinates instead of one per ring: ~10x faster for thousands of polygons)."""
+    if not geoms or not all(isinstance(g, shapely.Polygon) and not g.is_empty for g in geoms):
+        return [_geojson_geometry(g) for g in geoms]
+    _, coords, (ring_offsets, poly_offsets) = shapely.to_ragged_array(
+        np.asarray(geoms, dtype=object))
+    points = coords[:, :2].tolist()
+    rings = [points[a:b] for a, b in zip(ring_offsets[:-1].tolist(), ring_offsets[1:].tolist(),
+                                          strict=True)]
+    return [{"type": "Polygon", "coordinates": rings[a:b]}
+            for a, b in zip(poly_offsets[:-1].tolist(), poly_offsets[1:].tolist(), strict=True)]
 
 
 def _polygon_coords(poly: shapely.Polygon) -> list:
@@ -225,9 +369,9 @@ def feature_collection(geoms: Sequence[shapely.Geometry],
                                     f"geometries")
     if geoms and not np.isfinite(shapely.get_coordinates(np.asarray(geoms, dtype=object))).all():
         raise InvalidInputError("geometries have non-finite coordinates")
-    features = [{"type": "Feature", "geometry": _geojson_geometry(g),
+    features = [{"type": "Feature", "geometry": g,
                  "properties": {str(k): _json_value(v) for k, v in p.items()}}
-                for g, p in zip(geoms, props_list, strict=True)]
+                for g, p in zip(_geojson_geometries(geoms), props_list, strict=True)]
     return {"type": "FeatureCollection",
             "crs": {"type": "name", "properties": {"name": crs_to_text(crs)}},
             "features": features}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import tomllib
 
 from unigeoseg_protocol.client import DEFAULT_ADDRESS
 from unigeoseg_protocol.messages import DEFAULT_MAX_MESSAGE_BYTES

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or update) the backend's virtual environment and install the project into it.
+#   bash scripts/setup_backend.sh [VENV_DIR] [EXTRAS]      e.g.  .venv "[test]"
+# torch/torchvision come unpinned: pip picks a matched pair for this machine (CUDA builds on
+# Linux x86_64, which also run on a CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-.venv}"
+EXTRAS="${2:-}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet --editable ".${EXTRAS}"
+"$VENV/bin/python" -c "import torch, torchvision, segment_anything, rasterio, zmq; \
+print('backend venv ready: torch', torch.__version__, '| CUDA', torch.cuda.is_available())"

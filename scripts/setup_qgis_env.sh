@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Debian's QGIS (PyQGIS for /usr/bin/python3) and a venv on top of it for the plugin tests.
+#   bash scripts/setup_qgis_env.sh [VENV_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-.venv-qgis}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    python3-venv python3-qgis qgis-providers python3-zmq >/dev/null
+if [ ! -x "$VENV/bin/python" ]; then
+    # Debian's Python refuses pip installs (PEP 668); a venv that sees its site-packages
+    # keeps QGIS, PyQt, numpy and pyzmq from Debian and adds only the test tools.
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet pytest pytest-qgis pytest-timeout
+QT_QPA_PLATFORM=offscreen "$VENV/bin/python" -c "import qgis.core, zmq; \
+print('QGIS', qgis.core.Qgis.QGIS_VERSION, '| pyzmq', zmq.__version__)"
