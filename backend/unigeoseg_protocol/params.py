@@ -99,6 +99,12 @@ class Prompt:
     crs: str | None = None
     object_key: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.points and not self.labels:  # points without labels are foreground clicks
+            object.__setattr__(self, "labels", (1,) * len(self.points))
+        if len(self.labels) != len(self.points):
+            raise _invalid(f"{len(self.points)} points but {len(self.labels)} labels")
+
     @classmethod
     def from_wire(cls, value: Any) -> Prompt:
         if not isinstance(value, dict):
@@ -153,7 +159,7 @@ class Prompt:
         wire: dict[str, Any] = {"task": self.task}
         if self.points:
             wire["points"] = [list(p) for p in self.points]
-            wire["labels"] = list(self.labels) if self.labels else [1] * len(self.points)
+            wire["labels"] = list(self.labels)
         if self.box is not None:
             wire["box"] = list(self.box)
         if self.text:
