@@ -114,7 +114,11 @@ class Client:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         while True:
-            message = self._next_message(request_id, deadline)
+            try:
+                message = self._next_message(request_id, deadline)
+            except ProtocolError:
+                self._outstanding.discard(request_id)
+                raise
             if message is None:
                 self._outstanding.discard(request_id)
                 self._inbox.pop(request_id, None)
@@ -147,6 +151,8 @@ class Client:
             try:
                 message = decode_message(frames, self.max_reply_bytes)
             except ProtocolError as exc:
+                if exc.request_id == request_id:
+                    raise  # e.g. a reply over max_reply_bytes: fail this request, not hang
                 logger.warning("dropping undecodable reply: %s", exc)
                 continue
             if message.id == request_id:

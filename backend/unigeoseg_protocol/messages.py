@@ -36,7 +36,6 @@ WIRE_DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "f
 #: Default cap on the bytes of one message (all frames together).
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
-_MAX_HEADER_BYTES = 1024 * 1024
 _MAX_NDIM = 4
 
 
@@ -98,7 +97,11 @@ def decode_message(frames: Sequence, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
     """
     if not frames:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "empty message")
-    header = _parse_header(frames[0])  # first, so that a size error can name the request
+    if _nbytes(frames[0]) > max_bytes:
+        raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"header alone is {_nbytes(frames[0])} bytes, over the cap of "
+                            f"{max_bytes} bytes", {"max_bytes": max_bytes})
+    header = _parse_header(frames[0])  # before the total, so that a size error names the request
     total = sum(_nbytes(f) for f in frames)
     if total > max_bytes:
         raise ProtocolError(
@@ -174,8 +177,6 @@ def _to_wire_array(name: str, array: np.ndarray) -> np.ndarray:
 
 def _parse_header(frame) -> dict[str, Any]:
     raw = bytes(_as_buffer(frame))
-    if len(raw) > _MAX_HEADER_BYTES:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"header is {len(raw)} bytes, over 1 MiB")
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:

@@ -158,3 +158,17 @@ def test_bad_options_are_invalid_arguments(wire):
     with pytest.raises(ProtocolError) as info:
         SegmentOptions.from_wire(wire)
     assert info.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+def test_large_json_results_are_not_limited_by_a_header_cap():
+    features = {"coordinates": [[i * 0.5, i * 0.25] for i in range(200_000)]}  # ~3.6 MB of JSON
+    frames = [bytes(f) for f in encode_message({"id": "r", "ok": True, "result": features})]
+    assert len(frames[0]) > 2 * 1024 * 1024
+    assert decode_message(frames).header["result"] == features
+
+
+def test_a_header_over_the_cap_is_payload_too_large():
+    frames = [json.dumps({"v": 1, "id": "r", "pad": "x" * 5000}).encode()]
+    with pytest.raises(ProtocolError) as info:
+        decode_message(frames, max_bytes=1000)
+    assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE
