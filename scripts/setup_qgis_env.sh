@@ -14,6 +14,6 @@ if [ ! -x "$VENV/bin/python" ]; then
     # keeps QGIS, PyQt, numpy and pyzmq from Debian and adds only the test tools.
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet pytest pytest-qgis pytest-timeout
+"$VENV/bin/python" -m pip install --quiet pytest pytest-qgis pytest-qt pytest-timeout
 QT_QPA_PLATFORM=offscreen "$VENV/bin/python" -c "import qgis.core, zmq; \
 print('QGIS', qgis.core.Qgis.QGIS_VERSION, '| pyzmq', zmq.__version__)"
