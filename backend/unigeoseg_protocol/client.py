@@ -99,7 +99,14 @@ class Client:
         request_id = request_id or new_request_id()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         header = request_header(op, request_id, params, timeout_ms=int(timeout * 1000))
-        self._socket.send_multipart(encode_message(header, arrays), copy=False)
+        # A DEALER with no connected peer (backend down, CURVE handshake refused) blocks on
+        # send: wait for it to become writable within the timeout instead of hanging.
+        if not self._socket.poll(int(timeout * 1000), zmq.POLLOUT):
+            raise RequestTimeout(f"could not send to {self.address} within {timeout:.1f} s: is "
+                                 f"the backend running (and are the CURVE keys right)?",
+                                 request_id=request_id)
+        self._socket.send_multipart(encode_message(header, arrays), flags=zmq.NOBLOCK,
+                                    copy=False)
         self._outstanding.add(request_id)
         return request_id
 
@@ -172,7 +179,10 @@ class Client:
             return self.receive(request_id, timeout_s, on_progress)
         except RequestTimeout:
             if cancel_on_timeout:
-                self.send("cancel", {"target": request_id}, timeout_s=1.0)
+                try:
+                    self.send("cancel", {"target": request_id}, timeout_s=0.5)
+                except (RequestTimeout, zmq.ZMQError):
+                    pass  # the backend is unreachable: nothing to cancel there
             raise
 
     # ------------------------------------------------------------------ operations

@@ -9,37 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
-from tests.conftest import REPO, backend_python, start_backend
+from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "qgis_plugin"))
 
 qgis_core = pytest.importorskip("qgis.core")
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """Written by the backend's Python: QGIS's Python has no torch, and must not."""
-    path = tmp_path_factory.mktemp("weights") / "sam_tiny.pth"
-    script = textwrap.dedent(f"""
-        import torch
-        from unigeoseg_backend.engines.sam import SAM_CONFIGS, build_sam
-        torch.manual_seed(0)
-        torch.save(build_sam(SAM_CONFIGS["tiny"]).state_dict(), {str(path)!r})
-    """)
-    subprocess.run([backend_python(), "-c", script], check=True, timeout=300)
-    return path
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory, tiny_checkpoint):
-    process = start_backend(tmp_path_factory.mktemp("backend"), "--sam-type", "tiny",
-                            "--sam-checkpoint", str(tiny_checkpoint))
-    yield process
-    process.stop()
 
 
 def test_the_protocol_package_imports_nothing_heavy():

@@ -1,0 +1,353 @@
+"""What happens between a click and a polygon in a layer (GUI thread, never blocking).
+
+The controller turns map-tool events into prompts on a tile, keeps the tile (and so the
+backend's cached embedding) while later clicks stay inside it, previews each result as a
+rubber band, and writes accepted polygons through the target layer's edit buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsGeometry,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+from qgis.gui import QgsMapCanvas, QgsRubberBand
+from qgis.PyQt.QtCore import QObject, pyqtSignal
+from qgis.PyQt.QtGui import QColor
+
+from .core import results
+from .core.log import log, warn
+from .core.raster_read import is_file_raster, native_window, read_window
+from .core.render import render_window
+from .core.session import PromptSession
+from .core.settings import PluginSettings
+from .core.tiles import TileWindow, tiles_over_extent, window_around
+
+#: A click this close to a window edge gets a new window centred on it (context matters).
+EDGE_MARGIN_PX = 32
+
+
+@dataclass
+class Accepted:
+    """One accepted result, for undo."""
+
+    layer: QgsVectorLayer
+    feature_count: int
+
+
+class SegmentationController(QObject):
+    """Glue between the canvas, the backend connection and the layers.
+
+    Args:
+        canvas: the map canvas (its CRS is the CRS of incoming clicks).
+        connection: a BackendConnection (connection.py).
+        settings: tile size, resolution, simplify, min area, timeouts.
+        message: ``message(text, level)`` shown to the analyst (the message bar).
+    """
+
+    previewChanged = pyqtSignal()   # a new result (or none) is on screen
+    busyChanged = pyqtSignal(bool)
+    accepted = pyqtSignal(int)      # number of features written
+
+    def __init__(self, canvas: QgsMapCanvas, connection, settings: PluginSettings,
+                 message: Callable[[str, Qgis.MessageLevel], None]):
+        super().__init__()
+        self.canvas = canvas
+        self.connection = connection
+        self.settings = settings
+        self.message = message
+        self.source_layer: QgsRasterLayer | None = None
+        self.target_layer: QgsVectorLayer | None = None
+        self.session = PromptSession()
+        self._accepted: list[Accepted] = []
+        self._in_flight: str | None = None
+        self._resend = False
+        self._preview = QgsRubberBand(canvas, QgsWkbTypes.PolygonGeometry)
+        self._preview.setColor(QColor(0, 200, 255, 230))
+        self._preview.setFillColor(QColor(0, 200, 255, 60))
+        self._preview.setWidth(2)
+        self._markers = QgsRubberBand(canvas, QgsWkbTypes.PointGeometry)
+        self._markers.setIconSize(8)
+
+    # ------------------------------------------------------------------ inputs
+
+    def set_source_layer(self, layer: QgsRasterLayer | None) -> None:
+        if layer is not self.source_layer:
+            self.source_layer = layer
+            self.session = PromptSession()
+            self._refresh_overlays()
+
+    def add_point(self, canvas_point: QgsPointXY, label: int) -> None:
+        """A click in canvas coordinates: 1 foreground, 0 background."""
+        if not self._ready():
+            return
+        window = self._window_for(canvas_point)
+        if window is None:
+            return
+        x, y = self._to_window_crs(canvas_point, window)
+        self.session.add_point(x, y, label)
+        self._refresh_overlays()
+        self._segment()
+
+    def set_box(self, canvas_rect: QgsRectangle) -> None:
+        if not self._ready():
+            return
+        window = self._window_for(canvas_rect.center())
+        if window is None:
+            return
+        transform = self._transform_to(window)
+        box = transform.transformBoundingBox(canvas_rect)
+        self.session.set_box(box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
+        self._segment()
+
+    def undo(self) -> None:
+        """Remove the last point; with no points, undo the last accepted result."""
+        if self.session.undo():
+            self._refresh_overlays()
+            if self.session.is_empty:
+                self.session.result = None
+                self._refresh_overlays()
+            else:
+                self._segment()
+            return
+        if self._accepted:
+            last = self._accepted.pop()
+            if last.layer.isEditable() and last.layer.undoStack().canUndo():
+                last.layer.undoStack().undo()
+                last.layer.triggerRepaint()
+                self.message("removed the last accepted polygon(s)", Qgis.Info)
+
+    def clear(self) -> None:
+        self.session.next_object()
+        self._refresh_overlays()
+
+    def accept(self) -> int:
+        """Write the previewed polygons into the target layer; returns how many."""
+        result = self.session.result
+        if not result or not result.get("features"):
+            self.message("nothing to accept yet: click on the object first", Qgis.Info)
+            return 0
+        layer = self.target_layer or self._default_target_layer()
+        source_crs = results.collection_crs(result, self.session.window.crs)
+        features = results.to_layer_features(result, source_crs, layer,
+                                             self.source_layer.name() if self.source_layer
+                                             else "")
+        if not results.add_features_undoably(layer, features):
+            self.message(f"could not add polygons to {layer.name()} (is it read-only?)",
+                         Qgis.Critical)
+            return 0
+        layer.triggerRepaint()
+        self._accepted.append(Accepted(layer, len(features)))
+        self.session.next_object()
+        self._refresh_overlays()
+        self.accepted.emit(len(features))
+        return len(features)
+
+    # ------------------------------------------------------------------ text
+
+    def segment_text(self, text: str, task: str) -> None:
+        """Referring / reasoning over the visible extent, tiled at the canvas resolution."""
+        if not self._ready() or not text.strip():
+            return
+        engine = (self.connection.hello_info or {}).get("engines", {}).get("unigeoseg", {})
+        if not engine.get("available"):
+            self.message("text prompts need the UniGeoSeg engine, which this backend does not "
+                         f"offer: {engine.get('reason', 'not available')}", Qgis.Warning)
+            return
+        crs = self.canvas.mapSettings().destinationCrs()
+        extent = self.canvas.mapSettings().visibleExtent()
+        windows = tiles_over_extent(crs.authid() or crs.toWkt(),
+                                    (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(),
+                                     extent.yMaximum()),
+                                    self.canvas.mapUnitsPerPixel(), self.settings.tile_px)
+        for window in windows:
+            pixels = render_window(self.source_layer, window)
+            self.connection.request(
+                "segment", {"georeference": self._georeference(window),
+                            "prompt": {"text": text, "task": task},
+                            "options": self._options()},
+                {"pixels": pixels}, self.settings.request_timeout_s,
+                on_reply=self._on_text_reply, on_error=self._on_error)
+
+    # ------------------------------------------------------------------ internals
+
+    def _ready(self) -> bool:
+        if self.source_layer is None or not self.source_layer.isValid():
+            self.message("choose a raster layer to segment first", Qgis.Warning)
+            return False
+        if not self.connection.is_connected:
+            self.message(f"no backend at {self.connection.address}: start or connect it from "
+                         f"the UniGeoSeg panel", Qgis.Warning)
+            return False
+        return True
+
+    def _window_for(self, canvas_point: QgsPointXY) -> TileWindow | None:
+        """The current tile if the point is well inside it, else a new tile around the point."""
+        current = self.session.window
+        if current is not None:
+            x, y = self._to_window_crs(canvas_point, current)
+            if current.contains(x, y, EDGE_MARGIN_PX):
+                return current
+        try:
+            window, pixels, raster = self._new_window(canvas_point)
+        except Exception as exc:  # noqa: BLE001 - any provider/render failure: tell, don't crash
+            warn(f"reading the tile failed: {exc!r}")
+            self.message(f"could not read pixels from {self.source_layer.name()}: {exc}",
+                         Qgis.Critical)
+            return None
+        self.session.new_window(window)
+        self._upload(window, pixels, raster)
+        return window
+
+    def _new_window(self, canvas_point: QgsPointXY):
+        layer = self.source_layer
+        tile_px = self.settings.tile_px
+        if is_file_raster(layer) and self.settings.ground_resolution <= 0:
+            to_layer = QgsCoordinateTransform(self._canvas_crs(), layer.crs(),
+                                              QgsProject.instance())
+            point = to_layer.transform(canvas_point)
+            window = native_window(layer, point.x(), point.y(), tile_px)
+            pixels, nodata = read_window(layer, window)
+            raster = {"stretch": "auto"} if nodata is None else {"stretch": "auto",
+                                                                 "nodata": nodata}
+            return window, pixels, raster
+        crs = self._canvas_crs()
+        resolution = self.settings.ground_resolution or self.canvas.mapUnitsPerPixel()
+        window = window_around(crs.authid() or crs.toWkt(), canvas_point.x(), canvas_point.y(),
+                               resolution, tile_px)
+        return window, render_window(layer, window), {"stretch": "auto"}
+
+    def _upload(self, window: TileWindow, pixels, raster: dict[str, Any]) -> None:
+        self._set_busy(True)
+        window_key = window
+
+        def on_reply(message) -> None:
+            if self.session.window is window_key:
+                self.session.image_id = message.header["result"]["image_id"]
+                log(f"tile {window.width}x{window.height} ready "
+                    f"({message.header['result']['embedding']})")
+                self._set_busy(False)
+                if self._resend or not self.session.is_empty:
+                    self._resend = False
+                    self._segment()
+
+        self.connection.request("set_image", {"georeference": self._georeference(window),
+                                              "raster": raster, "engine": "sam"},
+                                {"pixels": pixels}, self.settings.request_timeout_s,
+                                on_reply=on_reply, on_error=self._on_error)
+
+    def _segment(self) -> None:
+        """Ask for the mask of the current prompts; coalesces clicks made while waiting."""
+        if self.session.image_id is None or self._in_flight is not None:
+            self._resend = True
+            return
+        if self.session.is_empty:
+            return
+        self._resend = False
+        self._set_busy(True)
+        self._in_flight = self.connection.request(
+            "segment", {"image_id": self.session.image_id, "prompt": self.session.prompt_wire(),
+                        "options": self._options()},
+            timeout_s=self.settings.request_timeout_s,
+            on_reply=self._on_segment_reply, on_error=self._on_segment_error)
+
+    def _on_segment_reply(self, message) -> None:
+        self._in_flight = None
+        self._set_busy(False)
+        self.session.result = message.header["result"]["features"]
+        for feature in self.session.result["features"]:
+            feature["properties"]["source_layer"] = self.source_layer.name()
+        self._refresh_overlays()
+        if self._resend:
+            self._segment()
+
+    def _on_segment_error(self, code: str, text: str) -> None:
+        self._in_flight = None
+        if code == "unknown_image":  # the backend was restarted or evicted the tile
+            self.session.window = None
+        self._on_error(code, text)
+
+    def _on_text_reply(self, message) -> None:
+        result = message.header["result"]["features"]
+        if result.get("features"):
+            self.session.result = result
+            self._refresh_overlays()
+
+    def _on_error(self, code: str, text: str) -> None:
+        self._set_busy(False)
+        level = Qgis.Info if code == "cancelled" else Qgis.Warning
+        self.message(f"{text} ({code})", level)
+
+    def _options(self) -> dict[str, Any]:
+        return {"engine": "sam", "multimask": True, "simplify": self.settings.simplify,
+                "min_area": self.settings.min_area}
+
+    @staticmethod
+    def _georeference(window: TileWindow) -> dict[str, Any]:
+        return {"crs": window.crs, "geotransform": list(window.geotransform)}
+
+    def _canvas_crs(self) -> QgsCoordinateReferenceSystem:
+        return self.canvas.mapSettings().destinationCrs()
+
+    def _transform_to(self, window: TileWindow) -> QgsCoordinateTransform:
+        return QgsCoordinateTransform(self._canvas_crs(), QgsCoordinateReferenceSystem(window.crs),
+                                      QgsProject.instance())
+
+    def _to_window_crs(self, canvas_point: QgsPointXY, window: TileWindow) -> tuple[float, float]:
+        point = self._transform_to(window).transform(canvas_point)
+        return point.x(), point.y()
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busyChanged.emit(busy)
+
+    def _refresh_overlays(self) -> None:
+        """Redraw the point markers and the preview polygons (canvas CRS)."""
+        self._markers.reset(QgsWkbTypes.PointGeometry)
+        self._preview.reset(QgsWkbTypes.PolygonGeometry)
+        window = self.session.window
+        if window is not None:
+            crs = QgsCoordinateReferenceSystem(window.crs)
+            for x, y in self.session.points:
+                self._markers.addGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)), crs)
+            result = self.session.result
+            if result and result.get("features"):
+                source_crs = results.collection_crs(result, window.crs)
+                for geometry in results.geometries_from_collection(result):
+                    self._preview.addGeometry(geometry, source_crs)
+        self.previewChanged.emit()
+
+    def _default_target_layer(self) -> QgsVectorLayer:
+        """A new GeoPackage layer next to the project (or in the home folder)."""
+        project = QgsProject.instance()
+        folder = Path(project.homePath() or Path.home())
+        stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+        layer = results.create_geopackage_layer(folder / "unigeoseg_segments.gpkg",
+                                                f"segments_{stamp}", self._canvas_crs())
+        project.addMapLayer(layer)
+        self.target_layer = layer
+        self.message(f"new layer {layer.name()} in {folder / 'unigeoseg_segments.gpkg'}",
+                     Qgis.Info)
+        return layer
+
+    def preview_geometries(self) -> list[QgsGeometry]:
+        """The previewed polygons in canvas CRS (for tests and the dock's summary)."""
+        return [self._preview.asGeometry()] if self._preview.numberOfVertices() else []
+
+    def remove_overlays(self) -> None:
+        scene = self.canvas.scene()
+        for band in (self._preview, self._markers):
+            scene.removeItem(band)

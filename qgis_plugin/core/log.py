@@ -1,0 +1,19 @@
+"""The plugin's log: its own tab ("UniGeoSeg") in QGIS's Log Messages panel."""
+
+from __future__ import annotations
+
+from qgis.core import Qgis, QgsMessageLog
+
+TAG = "UniGeoSeg"
+
+
+def log(message: str, level: Qgis.MessageLevel = Qgis.Info) -> None:
+    QgsMessageLog.logMessage(message, TAG, level)
+
+
+def warn(message: str) -> None:
+    log(message, Qgis.Warning)
+
+
+def critical(message: str) -> None:
+    log(message, Qgis.Critical)

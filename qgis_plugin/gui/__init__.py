@@ -1,0 +1,1 @@
+"""Widgets and canvas tools: a thin layer over core/ and the controller."""

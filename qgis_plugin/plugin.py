@@ -1,0 +1,206 @@
+"""The plugin object QGIS loads: actions, panel, map tool, Processing provider, backend link.
+
+Everything here is wiring; the logic lives in controller.py and core/. ``unload()`` removes
+every action, dock, map tool, provider, rubber band, socket and process this file creates.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from qgis.core import Qgis, QgsApplication
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction
+
+from . import deps
+from .core.log import log
+from .core.settings import PluginSettings
+
+PLUGIN_DIR = Path(__file__).resolve().parent
+MENU = "&UniGeoSeg"
+
+
+def icon(name: str) -> QIcon:
+    """Icons sit in icons/ next to the package (zip) or at the repo top level (development)."""
+    for folder in (PLUGIN_DIR / "icons", PLUGIN_DIR.parent / "icons"):
+        if (folder / name).exists():
+            return QIcon(str(folder / name))
+    return QIcon()
+
+
+class UniGeoSegPlugin:
+    """Created by ``classFactory(iface)``."""
+
+    def __init__(self, iface):
+        self.iface = iface
+        self.settings = PluginSettings.load()
+        self.action = None
+        self.dock = None
+        self.map_tool = None
+        self.controller = None
+        self.connection = None
+        self.launcher = None
+        self.provider = None
+
+    # ------------------------------------------------------------------ QGIS hooks
+
+    def initProcessing(self) -> None:
+        from .processing_algs.provider import UniGeoSegProvider
+
+        self.provider = UniGeoSegProvider()
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def initGui(self) -> None:
+        self.initProcessing()
+        self.action = QAction(icon("unigeoseg.svg"), "UniGeoSeg segmentation",
+                              self.iface.mainWindow())
+        self.action.setCheckable(True)
+        self.action.toggled.connect(self._toggle)
+        self.iface.addRasterToolBarIcon(self.action)
+        self.iface.addPluginToRasterMenu(MENU, self.action)
+
+    def unload(self) -> None:
+        if self.map_tool is not None:
+            if self.iface.mapCanvas().mapTool() is self.map_tool:
+                self.iface.mapCanvas().unsetMapTool(self.map_tool)
+            self.map_tool.remove_rubber_bands()
+            self.map_tool.deleteLater()
+            self.map_tool = None
+        if self.controller is not None:
+            self.controller.remove_overlays()
+            self.controller.deleteLater()
+            self.controller = None
+        if self.dock is not None:
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection.deleteLater()
+            self.connection = None
+        if self.launcher is not None:
+            self.launcher.stop()
+            self.launcher.deleteLater()
+            self.launcher = None
+        if self.action is not None:
+            self.iface.removeRasterToolBarIcon(self.action)
+            self.iface.removePluginRasterMenu(MENU, self.action)
+            self.action.deleteLater()
+            self.action = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+
+    # ------------------------------------------------------------------ panel and tool
+
+    def _toggle(self, checked: bool) -> None:
+        if checked:
+            self.show_panel()
+        elif self.dock is not None:
+            self.dock.hide()
+            self.iface.mapCanvas().unsetMapTool(self.map_tool)
+
+    def show_panel(self) -> bool:
+        """Build the panel, map tool and controller on first use; False if pyzmq is missing."""
+        if self.dock is None and not self._build():
+            return False
+        self.dock.show()
+        self.iface.mapCanvas().setMapTool(self.map_tool)
+        return True
+
+    def _build(self) -> bool:
+        missing = deps.missing_dependencies()
+        if missing:
+            self.iface.messageBar().pushMessage(
+                "UniGeoSeg", f"missing Python packages: {', '.join(missing)}. Install them into "
+                f"the plugin's private folder from Plugins > UniGeoSeg > Install dependencies.",
+                level=Qgis.Warning, duration=0)
+            return False
+        from .connection import BackendConnection
+        from .controller import SegmentationController
+        from .gui.dock import UniGeoSegDock
+        from .gui.map_tool import PromptMapTool
+
+        canvas = self.iface.mapCanvas()
+        self.connection = BackendConnection(self.settings.backend_address)
+        self.controller = SegmentationController(canvas, self.connection, self.settings,
+                                                 self._message)
+        self.dock = UniGeoSegDock(self.iface.mainWindow())
+        self.map_tool = PromptMapTool(canvas)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
+        self._wire()
+        self.connection.open()
+        return True
+
+    def _wire(self) -> None:
+        dock, controller, tool = self.dock, self.controller, self.map_tool
+        tool.pointClicked.connect(controller.add_point)
+        tool.boxDrawn.connect(controller.set_box)
+        tool.acceptRequested.connect(controller.accept)
+        tool.clearRequested.connect(controller.clear)
+        tool.undoRequested.connect(controller.undo)
+        dock.acceptRequested.connect(controller.accept)
+        dock.clearRequested.connect(controller.clear)
+        dock.undoRequested.connect(controller.undo)
+        dock.textSubmitted.connect(controller.segment_text)
+        dock.connectRequested.connect(self._reconnect)
+        dock.startBackendRequested.connect(self._start_backend)
+        dock.source_combo.layerChanged.connect(controller.set_source_layer)
+        dock.target_combo.layerChanged.connect(self._target_changed)
+        dock.optionsChanged.connect(self._options_changed)
+        dock.simplify_spin.setValue(self.settings.simplify)
+        dock.min_area_spin.setValue(self.settings.min_area)
+        controller.set_source_layer(dock.source_combo.currentLayer())
+        self.connection.connected.connect(self._on_connected)
+        self.connection.disconnected.connect(self._on_disconnected)
+
+    def _target_changed(self, layer) -> None:
+        self.controller.target_layer = layer
+
+    def _options_changed(self) -> None:
+        self.settings.simplify = self.dock.simplify_spin.value()
+        self.settings.min_area = self.dock.min_area_spin.value()
+        self.settings.save()
+
+    # ------------------------------------------------------------------ backend
+
+    def _reconnect(self) -> None:
+        self.connection.close()
+        self.connection.open()
+
+    def _start_backend(self) -> None:
+        if not self.settings.backend_python:
+            self._message("set the backend's Python (a venv with unigeoseg installed) in the "
+                          "plugin settings first", Qgis.Warning)
+            return
+        from .launcher import BackendLauncher
+
+        if self.launcher is None:
+            self.launcher = BackendLauncher()
+            self.launcher.started.connect(lambda address: self._reconnect())
+            self.launcher.failed.connect(lambda reason: self._message(
+                f"the backend did not start: {reason}", Qgis.Critical))
+        self.launcher.start(self.settings.backend_python, self.settings.backend_address,
+                            shlex.split(self.settings.backend_args))
+
+    def _on_connected(self, hello: dict) -> None:
+        gpu = hello.get("gpu") or {}
+        engines = [name for name, info in hello.get("engines", {}).items()
+                   if info.get("available")]
+        device = f"{hello.get('device')}" + (f" ({gpu.get('name')})" if gpu else "")
+        text = (f"Backend: connected to {self.connection.address}<br>engines: "
+                f"{', '.join(engines) or 'none'} · device: {device}")
+        self.dock.set_status(text)
+        log(f"connected: {hello}")
+
+    def _on_disconnected(self, reason: str) -> None:
+        if self.dock is not None:
+            self.dock.set_status(f"Backend: not connected ({reason})")
+        self._message(reason, Qgis.Warning)
+
+    def _message(self, text: str, level=Qgis.Info) -> None:
+        self.iface.messageBar().pushMessage("UniGeoSeg", text, level=level, duration=5)
+        log(text, level)
+

@@ -1,0 +1,343 @@
+"""Read windows of a raster layer at native resolution, on its own pixel grid, for the backend.
+
+Nothing is rendered or resampled: a window is a whole number of the layer's pixels, read band
+by band with ``QgsRasterDataProvider.block`` from a *clone* of the layer's provider (a clone
+may be used off the GUI thread, e.g. in a Processing algorithm), and sent with the exact GDAL
+geotransform of its top-left pixel corner. Polygons the backend returns then follow the
+layer's own pixel edges.
+
+Nodata travels with the pixels: NaN in float rasters; the band's nodata value as
+``RasterOptions.nodata`` for integer rasters (or, when bands disagree or user nodata ranges
+are set, float pixels with NaN where a band is nodata).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsRasterBlockFeedback,
+    QgsRasterDataProvider,
+    QgsRasterLayer,
+    QgsRasterRange,
+    QgsRectangle,
+)
+
+from ..unigeoseg_protocol.params import Georeference, RasterOptions
+
+# Qgis.DataType name -> numpy dtype (Int8 only exists from QGIS 3.30).
+_DTYPES = {"Byte": np.uint8, "Int8": np.int8, "UInt16": np.uint16, "Int16": np.int16,
+           "UInt32": np.uint32, "Int32": np.int32, "Float32": np.float32, "Float64": np.float64}
+_NUMPY_DTYPES = {int(getattr(Qgis.DataType, name)): np.dtype(dtype)
+                 for name, dtype in _DTYPES.items() if hasattr(Qgis.DataType, name)}
+_WIRE_AUTHORITIES = ("EPSG", "ESRI", "IGNF", "OGC", "IAU_2015")
+
+
+class RasterWindowError(Exception):
+    """A window cannot be read (unsupported data type, provider failure, outside the raster)."""
+
+
+def crs_to_wire(crs: QgsCoordinateReferenceSystem) -> str:
+    """The CRS as the backend accepts it: an authority code PROJ knows, else WKT2."""
+    authid = crs.authid()
+    if authid and authid.split(":", 1)[0].upper() in _WIRE_AUTHORITIES:
+        return authid
+    wkt = crs.toWkt(QgsCoordinateReferenceSystem.WktVariant.WKT_PREFERRED)
+    if not wkt:
+        raise RasterWindowError(f"the raster CRS {crs.description() or authid!r} has no "
+                                f"definition the backend can read")
+    return wkt
+
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """The native pixel grid of a raster layer: north-up, ``width x height`` pixels.
+
+    Attributes:
+        crs: the layer CRS.
+        x0, y0: map coordinates of the top-left corner of pixel (0, 0).
+        dx: pixel width (> 0); dy: pixel height, negative for north-up (GDAL convention).
+        width, height: raster size in pixels.
+    """
+
+    crs: QgsCoordinateReferenceSystem
+    x0: float
+    dx: float
+    y0: float
+    dy: float
+    width: int
+    height: int
+
+    @property
+    def geotransform(self) -> tuple[float, float, float, float, float, float]:
+        return (self.x0, self.dx, 0.0, self.y0, 0.0, self.dy)
+
+    def to_pixel(self, x: float, y: float) -> tuple[float, float]:
+        """Continuous (col, row) of a map point; pixel (i, j) covers [i, i+1) x [j, j+1)."""
+        return (x - self.x0) / self.dx, (y - self.y0) / self.dy
+
+    def contains(self, x: float, y: float) -> bool:
+        """Whether a map point lies on the raster (edges included, as the backend checks)."""
+        col, row = self.to_pixel(x, y)
+        return 0.0 <= col <= self.width and 0.0 <= row <= self.height
+
+    def window_extent(self, col0: int, row0: int, width: int, height: int) -> QgsRectangle:
+        """Map extent of a pixel window, computed as GDAL computes a window's corners."""
+        xa, xb = self.x0 + col0 * self.dx, self.x0 + (col0 + width) * self.dx
+        ya, yb = self.y0 + row0 * self.dy, self.y0 + (row0 + height) * self.dy
+        return QgsRectangle(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
+
+    def window_around(self, x: float, y: float, tile_px: int) -> tuple[int, int, int, int]:
+        """``(col0, row0, width, height)`` of a ``tile_px`` window centred on a map point,
+        shifted to lie inside the raster (smaller where the raster is smaller).
+
+        Raises:
+            RasterWindowError: the point is not on the raster.
+        """
+        if tile_px < 1:
+            raise RasterWindowError(f"the tile size must be at least 1 pixel, got {tile_px}")
+        if not self.contains(x, y):
+            raise RasterWindowError(f"point ({x}, {y}) is outside the raster")
+        col, row = self.to_pixel(x, y)
+        width, height = min(tile_px, self.width), min(tile_px, self.height)
+        col0 = min(max(int(math.floor(col - width / 2.0 + 0.5)), 0), self.width - width)
+        row0 = min(max(int(math.floor(row - height / 2.0 + 0.5)), 0), self.height - height)
+        return col0, row0, width, height
+
+    def windows_over(self, extent: QgsRectangle | None,
+                     tile_px: int) -> list[tuple[int, int, int, int]]:
+        """``(col0, row0, width, height)`` tiles of at most ``tile_px`` covering ``extent``
+        (map units, layer CRS; None = the whole raster), clipped to the raster, row by row.
+        Empty when the extent misses the raster."""
+        if tile_px < 1:
+            raise RasterWindowError(f"the tile size must be at least 1 pixel, got {tile_px}")
+        c0, c1, r0, r1 = 0, self.width, 0, self.height
+        if extent is not None and not extent.isNull():
+            ca, ra = self.to_pixel(extent.xMinimum(), extent.yMaximum())
+            cb, rb = self.to_pixel(extent.xMaximum(), extent.yMinimum())
+            c0 = max(0, int(math.floor(min(ca, cb))))
+            c1 = min(self.width, int(math.ceil(max(ca, cb))))
+            r0 = max(0, int(math.floor(min(ra, rb))))
+            r1 = min(self.height, int(math.ceil(max(ra, rb))))
+        windows = []
+        for row in range(r0, r1, tile_px):
+            for col in range(c0, c1, tile_px):
+                windows.append((col, row, min(tile_px, c1 - col), min(tile_px, r1 - row)))
+        return windows
+
+
+def _gdal_geotransform(provider: QgsRasterDataProvider, width: int, height: int):
+    """The GDAL geotransform of a GDAL-provider raster read through GDAL itself (bit-exact,
+    whereas the layer extent divided by the size may differ in the last bit), or None."""
+    if provider.name() != "gdal":
+        return None
+    try:
+        from osgeo import gdal
+    except ImportError:
+        return None
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(provider.dataSourceUri(), gdal.OF_RASTER | gdal.OF_READONLY)
+        if dataset is None or (dataset.RasterXSize, dataset.RasterYSize) != (width, height):
+            return None
+        gt = tuple(float(v) for v in dataset.GetGeoTransform(can_return_null=True) or ())
+    except Exception:  # noqa: BLE001 - any GDAL trouble: fall back to the extent
+        return None
+    finally:
+        gdal.PopErrorHandler()
+    if len(gt) != 6 or gt[2] != 0.0 or gt[4] != 0.0 or gt[1] <= 0 or gt[5] >= 0:
+        return None  # rotated or south-up: QGIS warps it, so its grid is not GDAL's
+    return gt
+
+
+def raster_grid(layer: QgsRasterLayer,
+                provider: QgsRasterDataProvider | None = None) -> RasterGrid:
+    """The native grid of ``layer`` (``provider``: a clone of its provider to use instead)."""
+    # (A cloned GDAL provider says isValid() False in QGIS 3.22, yet reads fine: check the
+    # layer's own provider.)
+    if layer.dataProvider() is None or not layer.dataProvider().isValid():
+        raise RasterWindowError(f"raster layer {layer.name()!r} has no valid data provider")
+    provider = provider or layer.dataProvider()
+    width, height = provider.xSize(), provider.ySize()
+    if width <= 0 or height <= 0:
+        raise RasterWindowError(f"raster layer {layer.name()!r} has no pixel grid (an online "
+                                f"service?): use a file raster")
+    extent = provider.extent()
+    gt = _gdal_geotransform(provider, width, height)
+    if gt is not None:
+        # Trust GDAL only when it describes the same grid as QGIS's extent.
+        tolerance = 1e-6 * max(abs(gt[1]), abs(gt[5]))
+        if (abs(gt[0] - extent.xMinimum()) > tolerance or abs(gt[3] - extent.yMaximum())
+                > tolerance or abs(gt[0] + width * gt[1] - extent.xMaximum()) > tolerance * width):
+            gt = None
+    if gt is None:
+        gt = (extent.xMinimum(), extent.width() / width, 0.0,
+              extent.yMaximum(), 0.0, -extent.height() / height)
+    return RasterGrid(crs=layer.crs(), x0=gt[0], dx=gt[1], y0=gt[3], dy=gt[5],
+                      width=width, height=height)
+
+
+@dataclass
+class RasterWindow:
+    """Pixels of one window and how to tell the backend where they are.
+
+    Attributes:
+        pixels: ``H x W x C`` array (band-last), the layer's own values.
+        georeference: CRS and exact GDAL geotransform of the window.
+        raster: nodata handling for the backend.
+        col0, row0: offset of the window in the raster, pixels.
+        extent: map extent of the window, layer CRS.
+    """
+
+    pixels: np.ndarray
+    georeference: Georeference
+    raster: RasterOptions
+    col0: int
+    row0: int
+    extent: QgsRectangle
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def contains(self, x: float, y: float) -> bool:
+        """Whether a map point (layer CRS) lies on the window (edges included)."""
+        x0, dx, _, y0, _, dy = self.georeference.geotransform
+        col, row = (x - x0) / dx, (y - y0) / dy
+        return 0.0 <= col <= self.width and 0.0 <= row <= self.height
+
+
+def _in_ranges(values: np.ndarray, ranges: list[QgsRasterRange]) -> np.ndarray:
+    """Where ``values`` fall in any of QGIS's user nodata ranges (NaN bounds are open)."""
+    hit = np.zeros(values.shape, dtype=bool)
+    for rng in ranges:
+        lo, hi, bounds = rng.min(), rng.max(), rng.bounds()
+        inside = np.ones(values.shape, dtype=bool)
+        if not math.isnan(lo):
+            include_min = bounds in (QgsRasterRange.BoundsType.IncludeMinAndMax,
+                                     QgsRasterRange.BoundsType.IncludeMin)
+            inside &= values >= lo if include_min else values > lo
+        if not math.isnan(hi):
+            include_max = bounds in (QgsRasterRange.BoundsType.IncludeMinAndMax,
+                                     QgsRasterRange.BoundsType.IncludeMax)
+            inside &= values <= hi if include_max else values < hi
+        hit |= inside
+    return hit
+
+
+def _read_band(provider: QgsRasterDataProvider, band: int, extent: QgsRectangle, width: int,
+               height: int, feedback=None) -> np.ndarray:
+    if not isinstance(feedback, QgsRasterBlockFeedback):
+        feedback = None  # e.g. a QgsProcessingFeedback: cancellation is checked between reads
+    block = provider.block(band, extent, width, height, feedback)
+    if block is None or not block.isValid() or block.isEmpty():
+        raise RasterWindowError(f"could not read band {band} of the raster")
+    dtype = _NUMPY_DTYPES.get(int(block.dataType()))
+    if dtype is None:
+        raise RasterWindowError(f"band {band} has data type {block.dataType()!r}, which cannot "
+                                f"be sent as pixels (use a raster of integers or floats)")
+    if (block.width(), block.height()) != (width, height):
+        raise RasterWindowError(f"band {band}: got a {block.width()} x {block.height()} block "
+                                f"for a {width} x {height} window")
+    data = bytes(block.data())
+    if len(data) != width * height * dtype.itemsize:
+        raise RasterWindowError(f"band {band}: {len(data)} bytes for a {width} x {height} "
+                                f"{dtype.name} window")
+    return np.frombuffer(data, dtype=dtype).reshape(height, width)
+
+
+def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, width: int,
+                height: int, provider: QgsRasterDataProvider | None = None,
+                feedback=None) -> RasterWindow:
+    """Read pixels ``[col0, col0+width) x [row0, row0+height)`` of every band, unresampled.
+
+    Args:
+        layer: the raster layer (name and CRS).
+        grid: its grid, from :func:`raster_grid`.
+        provider: the provider to read from; by default a fresh clone of the layer's
+            (pass one clone for many reads off the GUI thread).
+        feedback: optional QgsRasterBlockFeedback, passed to the provider (cancels a long
+            read); other feedback objects are ignored.
+
+    Raises:
+        RasterWindowError: a window off the raster, an unreadable band or data type.
+    """
+    if width < 1 or height < 1 or col0 < 0 or row0 < 0 \
+            or col0 + width > grid.width or row0 + height > grid.height:
+        raise RasterWindowError(f"window {col0},{row0} {width}x{height} is not inside the "
+                                f"{grid.width}x{grid.height} raster")
+    if provider is None:
+        provider = layer.dataProvider().clone()
+        if provider is None:
+            raise RasterWindowError(f"cannot clone the data provider of {layer.name()!r}")
+    extent = grid.window_extent(col0, row0, width, height)
+    bands, invalid_bands, nodata_values = [], [], []
+    for band in range(1, provider.bandCount() + 1):
+        values = _read_band(provider, band, extent, width, height, feedback)
+        invalid = np.zeros(values.shape, dtype=bool)
+        nodata = None
+        if provider.sourceHasNoDataValue(band) and provider.useSourceNoDataValue(band):
+            nodata = float(provider.sourceNoDataValue(band))
+            if math.isnan(nodata):
+                nodata = None  # NaN is nodata anyway
+            else:
+                invalid |= values == nodata
+        if values.dtype.kind == "f":
+            invalid |= ~np.isfinite(values)
+        user_ranges = list(provider.userNoDataValues(band))
+        if user_ranges:
+            invalid |= _in_ranges(values, user_ranges)
+        bands.append(values)
+        invalid_bands.append(invalid)
+        nodata_values.append((nodata, bool(user_ranges)))
+    if not bands:
+        raise RasterWindowError(f"raster layer {layer.name()!r} has no bands")
+    pixels = np.stack(bands, axis=-1)
+    any_invalid = any(inv.any() for inv in invalid_bands)
+    options = RasterOptions()
+    if any_invalid:
+        shared = {value for value, _ in nodata_values}
+        simple = (len(shared) == 1 and None not in shared
+                  and not any(has_ranges for _, has_ranges in nodata_values))
+        if pixels.dtype.kind == "f":
+            pixels = pixels.copy()
+            for b, invalid in enumerate(invalid_bands):
+                pixels[:, :, b][invalid] = np.nan
+        elif simple:
+            options = RasterOptions(nodata=shared.pop())
+        else:
+            # Bands disagree about nodata (or user ranges are set): floats with NaN where a
+            # band is nodata. 8-bit values are kept as they are (no stretch), as for uint8.
+            source_dtype = pixels.dtype
+            pixels = pixels.astype(np.float32 if source_dtype.itemsize <= 2 else np.float64)
+            for b, invalid in enumerate(invalid_bands):
+                pixels[:, :, b][invalid] = np.nan
+            if source_dtype == np.uint8:
+                options = RasterOptions(stretch="none")
+    x0 = grid.x0 + col0 * grid.dx
+    y0 = grid.y0 + row0 * grid.dy
+    georeference = Georeference(crs_to_wire(grid.crs), (x0, grid.dx, 0.0, y0, 0.0, grid.dy))
+    return RasterWindow(pixels=np.ascontiguousarray(pixels), georeference=georeference,
+                        raster=options, col0=col0, row0=row0, extent=extent)
+
+
+def read_window_around(layer: QgsRasterLayer, x: float, y: float, tile_px: int,
+                       grid: RasterGrid | None = None,
+                       provider: QgsRasterDataProvider | None = None,
+                       feedback=None) -> RasterWindow:
+    """The ``tile_px`` window around map point (x, y) (layer CRS), shifted inside the raster.
+
+    Raises:
+        RasterWindowError: the point is outside the raster, or the window cannot be read.
+    """
+    grid = grid or raster_grid(layer, provider)
+    col0, row0, width, height = grid.window_around(x, y, tile_px)
+    return read_window(layer, grid, col0, row0, width, height, provider, feedback)

@@ -1,0 +1,278 @@
+"""The plugin in real QGIS (offscreen): load / unload, clicks on a real canvas through the map
+tool, a real backend process (tiny SAM) over ZeroMQ, features in the target layer."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+from tests.conftest import REPO
+
+qgis_core = pytest.importorskip("qgis.core")
+
+from qgis.core import (  # noqa: E402
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsMapLayer,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+from qgis.gui import QgsMapMouseEvent  # noqa: E402
+from qgis.PyQt.QtCore import QEvent, QPoint, Qt  # noqa: E402
+from qgis.PyQt.QtGui import QKeyEvent  # noqa: E402
+
+ORIGIN = (500000.0, 4100000.0)  # UTM 33N, 0.5 m pixels
+PIXEL = 0.5
+UTM = "EPSG:32633"
+
+
+@pytest.fixture
+def raster(tmp_path) -> QgsRasterLayer:
+    from osgeo import gdal, osr
+
+    rng = np.random.default_rng(0)
+    data = (rng.random((3, 300, 360)) * 60).astype(np.uint8)
+    data[:, 80:160, 120:220] = np.array([230, 220, 40], np.uint8)[:, None, None]
+    path = tmp_path / "scene.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 360, 300, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    for band in range(3):
+        ds.GetRasterBand(band + 1).WriteArray(data[band])
+    ds = None
+    layer = QgsRasterLayer(str(path), "scene")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    yield layer
+    QgsProject.instance().removeMapLayer(layer.id())
+
+
+@pytest.fixture
+def plugin(qgis_iface, backend, qtbot):
+    import qgis_plugin
+
+    instance = qgis_plugin.classFactory(qgis_iface)
+    instance.settings.backend_address = backend.address
+    instance.initGui()
+    assert instance.show_panel()
+    qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
+    yield instance
+    instance.unload()
+
+
+def _set_canvas(canvas, raster_layer, crs: str, rotation: float = 0.0) -> None:
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(crs))
+    canvas.setLayers([raster_layer])
+    canvas.setRotation(rotation)
+    transform = QgsCoordinateTransform(raster_layer.crs(), QgsCoordinateReferenceSystem(crs),
+                                       QgsProject.instance())
+    canvas.setExtent(transform.transformBoundingBox(raster_layer.extent()))
+
+
+def _click(plugin, canvas, raster_layer, col: float, row: float, button=Qt.MouseButton.LeftButton,
+           modifiers=Qt.KeyboardModifier.NoModifier) -> QgsPointXY:
+    """Click the canvas where raster pixel (col, row) is; returns that point in raster CRS."""
+    target = QgsPointXY(ORIGIN[0] + col * PIXEL, ORIGIN[1] - row * PIXEL)
+    to_canvas = QgsCoordinateTransform(raster_layer.crs(), canvas.mapSettings().destinationCrs(),
+                                       QgsProject.instance())
+    device = canvas.getCoordinateTransform().transform(to_canvas.transform(target))
+    pos = QPoint(int(round(device.x())), int(round(device.y())))
+    tool = plugin.map_tool
+    tool.canvasPressEvent(QgsMapMouseEvent(canvas, QEvent.Type.MouseButtonPress, pos, button,
+                                           button, modifiers))
+    tool.canvasReleaseEvent(QgsMapMouseEvent(canvas, QEvent.Type.MouseButtonRelease, pos, button,
+                                             Qt.MouseButton.NoButton, modifiers))
+    return target
+
+
+def _key(plugin, key, modifiers=Qt.KeyboardModifier.NoModifier) -> None:
+    plugin.map_tool.keyPressEvent(QKeyEvent(QEvent.Type.KeyPress, key, modifiers))
+
+
+def _target_layer(tmp_path, crs: str) -> QgsVectorLayer:
+    from qgis_plugin.core.results import create_geopackage_layer
+
+    layer = create_geopackage_layer(tmp_path / "out.gpkg", "segments",
+                                    QgsCoordinateReferenceSystem(crs))
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def _vertices_in(layer: QgsVectorLayer, crs: str) -> np.ndarray:
+    to_crs = QgsCoordinateTransform(layer.crs(), QgsCoordinateReferenceSystem(crs),
+                                    QgsProject.instance())
+    points = []
+    for feature in layer.getFeatures():
+        geometry = feature.geometry()
+        geometry.transform(to_crs)
+        points.extend((v.x(), v.y()) for v in geometry.vertices())
+    return np.array(points)
+
+
+def test_plugin_loads_and_unloads_cleanly(qgis_iface, backend):
+    import qgis_plugin
+    from qgis.core import QgsApplication
+
+    canvas = qgis_iface.mapCanvas()
+    items_before = len(canvas.scene().items())
+    instance = qgis_plugin.classFactory(qgis_iface)
+    instance.settings.backend_address = backend.address
+    instance.initGui()
+    assert QgsApplication.processingRegistry().providerById("unigeoseg") is not None
+    assert instance.show_panel()
+    assert canvas.mapTool() is instance.map_tool
+    instance.unload()
+    assert QgsApplication.processingRegistry().providerById("unigeoseg") is None
+    assert canvas.mapTool() is None
+    assert instance.connection is None and instance.dock is None and instance.map_tool is None
+    assert len(canvas.scene().items()) == items_before
+
+
+@pytest.mark.parametrize("canvas_crs, target_crs, rotation", [
+    ("EPSG:3857", "EPSG:3857", 0.0),   # raster in UTM, project in Web Mercator
+    ("EPSG:3857", "EPSG:4326", 0.0),   # ... and a geographic target layer
+    (UTM, UTM, 30.0),                  # a rotated map canvas
+])
+def test_accepted_polygons_land_on_the_raster_grid(plugin, raster, qgis_iface, qtbot, tmp_path,
+                                                   backend, canvas_crs, target_crs, rotation):
+    from unigeoseg_protocol import Prompt
+    from unigeoseg_protocol.client import Client
+
+    canvas = qgis_iface.mapCanvas()
+    _set_canvas(canvas, raster, canvas_crs, rotation)
+    plugin.dock.source_combo.setLayer(raster)
+    target = _target_layer(tmp_path, target_crs)
+    plugin.dock.target_combo.setLayer(target)
+
+    clicked = _click(plugin, canvas, raster, 170.5, 120.5)
+    qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
+    session = plugin.controller.session
+    # The click reached the backend within one canvas pixel of the intended raster pixel.
+    x, y = session.points[0]
+    canvas_pixel_m = canvas.mapUnitsPerPixel() * (
+        1.0 if canvas_crs == UTM else 1 / math.cos(math.radians(37.0)))
+    assert math.hypot(x - clicked.x(), y - clicked.y()) <= 1.5 * canvas_pixel_m
+    image_id, prompt = session.image_id, Prompt.from_wire(session.prompt_wire())
+    assert session.window.crs == UTM  # a file raster is read on its own grid
+
+    _key(plugin, Qt.Key.Key_Return)
+    assert target.featureCount() >= 1
+    feature = next(target.getFeatures())
+    assert feature["engine"] == "sam" and feature["model"] == "sam_tiny"
+    assert feature["task"] == "interactive" and feature["source_layer"] == "scene"
+
+    # Back in the raster CRS every vertex sits on the raster's pixel grid ...
+    vertices = _vertices_in(target, UTM)
+    cols = (vertices[:, 0] - ORIGIN[0]) / PIXEL
+    rows = (ORIGIN[1] - vertices[:, 1]) / PIXEL
+    np.testing.assert_allclose(cols, np.round(cols), atol=1e-5)
+    np.testing.assert_allclose(rows, np.round(rows), atol=1e-5)
+    # ... and the polygons are the backend's own answer for the same tile and prompt.
+    with Client(backend.address) as client:
+        direct = client.segment(Prompt(points=prompt.points, labels=prompt.labels),
+                                image_id=image_id).header["result"]["features"]
+    direct_vertices = np.array([xy for f in direct["features"]
+                                for ring in f["geometry"]["coordinates"] for xy in ring])
+    assert {tuple(np.round(v, 4)) for v in vertices} == \
+        {tuple(np.round(v, 4)) for v in direct_vertices}
+
+
+def test_later_clicks_reuse_the_tile_and_undo_works(plugin, raster, qgis_iface, qtbot, tmp_path,
+                                                    backend):
+    from unigeoseg_protocol.client import Client
+
+    canvas = qgis_iface.mapCanvas()
+    _set_canvas(canvas, raster, "EPSG:3857")
+    plugin.dock.source_combo.setLayer(raster)
+    target = _target_layer(tmp_path, "EPSG:3857")
+    plugin.dock.target_combo.setLayer(target)
+    with Client(backend.address) as client:
+        encodes_before = client.status()["encodes"]
+    _click(plugin, canvas, raster, 170.5, 120.5)
+    qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
+    first_window = plugin.controller.session.window
+    plugin.controller.session.result = None
+    _click(plugin, canvas, raster, 60.5, 60.5, Qt.MouseButton.RightButton)
+    qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
+    assert plugin.controller.session.window is first_window
+    assert plugin.controller.session.labels == [1, 0]
+    with Client(backend.address) as client:
+        assert client.status()["encodes"] == encodes_before + 1
+
+    _key(plugin, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)  # removes the last point
+    assert plugin.controller.session.labels == [1]
+    qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
+    _key(plugin, Qt.Key.Key_Return)
+    accepted = target.featureCount()
+    assert accepted >= 1
+    _key(plugin, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)  # undoes the accept
+    assert target.featureCount() == 0
+    _key(plugin, Qt.Key.Key_Escape)
+    assert plugin.controller.session.is_empty
+
+
+def test_a_backend_killed_mid_request_leaves_layers_untouched(qgis_iface, qtbot, raster,
+                                                              tmp_path, backend_process):
+    import qgis_plugin
+
+    instance = qgis_plugin.classFactory(qgis_iface)
+    instance.settings.backend_address = backend_process.address
+    instance.initGui()
+    assert instance.show_panel()
+    try:
+        qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
+        canvas = qgis_iface.mapCanvas()
+        _set_canvas(canvas, raster, UTM)
+        instance.dock.source_combo.setLayer(raster)
+        target = _target_layer(tmp_path, UTM)
+        instance.dock.target_combo.setLayer(target)
+        os.kill(backend_process.process.pid, signal.SIGSTOP)  # hangs mid-request
+        _click(instance, canvas, raster, 170.5, 120.5)
+        os.kill(backend_process.process.pid, signal.SIGKILL)
+        qtbot.waitUntil(lambda: not instance.connection.is_connected, timeout=30000)
+        _key(instance, Qt.Key.Key_Return)  # nothing to accept: no half-written feature
+        assert target.featureCount() == 0
+        messages = qgis_iface.messageBar().get_messages(1) + \
+            qgis_iface.messageBar().get_messages(2)
+        assert any("backend" in m.lower() for m in messages)
+    finally:
+        instance.unload()
+
+
+def test_the_canvas_with_results_renders_to_png(plugin, raster, qgis_iface, qtbot, tmp_path):
+    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings
+    from qgis.PyQt.QtCore import QSize
+
+    canvas = qgis_iface.mapCanvas()
+    _set_canvas(canvas, raster, "EPSG:3857")
+    plugin.dock.source_combo.setLayer(raster)
+    target = _target_layer(tmp_path, "EPSG:3857")
+    plugin.dock.target_combo.setLayer(target)
+    _click(plugin, canvas, raster, 170.5, 120.5)
+    qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
+    _key(plugin, Qt.Key.Key_Return)
+    target.commitChanges()
+    symbol = target.renderer().symbol()
+    symbol.setOpacity(0.6)
+    settings = QgsMapSettings()
+    settings.setLayers([target, raster])
+    settings.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    settings.setExtent(canvas.extent())
+    settings.setOutputSize(QSize(600, 500))
+    job = QgsMapRendererParallelJob(settings)
+    job.start()
+    job.waitForFinished()
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    path = artifacts / "plugin_canvas.png"
+    assert job.renderedImage().save(str(path))
+    assert path.stat().st_size > 1000
+    assert isinstance(target, QgsMapLayer) and QgsRectangle(canvas.extent()).width() > 0
