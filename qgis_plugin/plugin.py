@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from qgis.core import Qgis, QgsApplication
+from qgis.core import Qgis, QgsApplication, QgsTask
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
@@ -43,6 +43,8 @@ class UniGeoSegPlugin:
         self.connection = None
         self.launcher = None
         self.provider = None
+        self.install_action = None
+        self.install_task = None
 
     # ------------------------------------------------------------------ QGIS hooks
 
@@ -60,6 +62,9 @@ class UniGeoSegPlugin:
         self.action.toggled.connect(self._toggle)
         self.iface.addRasterToolBarIcon(self.action)
         self.iface.addPluginToRasterMenu(MENU, self.action)
+        self.install_action = QAction("Install dependencies (pyzmq)", self.iface.mainWindow())
+        self.install_action.triggered.connect(self.install_dependencies)
+        self.iface.addPluginToRasterMenu(MENU, self.install_action)
 
     def unload(self) -> None:
         if self.map_tool is not None:
@@ -84,6 +89,13 @@ class UniGeoSegPlugin:
             self.launcher.stop()
             self.launcher.deleteLater()
             self.launcher = None
+        if self.install_task is not None:
+            self.install_task.cancel()
+            self.install_task = None
+        if self.install_action is not None:
+            self.iface.removePluginRasterMenu(MENU, self.install_action)
+            self.install_action.deleteLater()
+            self.install_action = None
         if self.action is not None:
             self.iface.removeRasterToolBarIcon(self.action)
             self.iface.removePluginRasterMenu(MENU, self.action)
@@ -92,6 +104,8 @@ class UniGeoSegPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        self.install_action = None
+        self.install_task = None
 
     # ------------------------------------------------------------------ panel and tool
 
@@ -115,7 +129,7 @@ class UniGeoSegPlugin:
         if missing:
             self.iface.messageBar().pushMessage(
                 "UniGeoSeg", f"missing Python packages: {', '.join(missing)}. Install them into "
-                f"the plugin's private folder from Plugins > UniGeoSeg > Install dependencies.",
+                f"the plugin's private folder from Raster > UniGeoSeg > Install dependencies.",
                 level=Qgis.Warning, duration=0)
             return False
         from .connection import BackendConnection
@@ -163,6 +177,35 @@ class UniGeoSegPlugin:
         self.settings.simplify = self.dock.simplify_spin.value()
         self.settings.min_area = self.dock.min_area_spin.value()
         self.settings.save()
+
+    # ------------------------------------------------------------------ dependencies
+
+    def install_dependencies(self) -> None:
+        """pip-install pyzmq into the plugin's private folder, in a cancellable QGIS task
+        (never into QGIS's own Python)."""
+        missing = deps.missing_dependencies()
+        if not missing:
+            self._message("all dependencies are installed", Qgis.Success)
+            return
+        if not deps.privately_installable(missing):
+            self._message(deps.explain_missing(missing), Qgis.Critical)
+            return
+
+        def run(task):
+            return deps.install_private(task)
+
+        def done(exception, result=None):
+            self.install_task = None
+            if exception is None and result and result[0]:
+                self._message("pyzmq installed; open the UniGeoSeg panel again", Qgis.Success)
+            else:
+                detail = result[1] if result else repr(exception)
+                log(detail, Qgis.Critical)
+                self._message("installing pyzmq failed; see the UniGeoSeg log", Qgis.Critical)
+
+        self.install_task = QgsTask.fromFunction("UniGeoSeg: install pyzmq", run,
+                                                 on_finished=done)
+        QgsApplication.taskManager().addTask(self.install_task)
 
     # ------------------------------------------------------------------ backend
 
