@@ -29,8 +29,9 @@ FOREIGN_ENVIRONMENT = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECU
 
 _STDERR_TAIL_LINES = 20
 _CONTEXT_KEYS = ("request_id", "op", "code", "engine", "elapsed_ms")
-_LEVELS = {"DEBUG": Qgis.Info, "INFO": Qgis.Info, "WARNING": Qgis.Warning,
-           "ERROR": Qgis.Critical, "CRITICAL": Qgis.Critical}
+_LEVELS = {"DEBUG": Qgis.MessageLevel.Info, "INFO": Qgis.MessageLevel.Info,
+           "WARNING": Qgis.MessageLevel.Warning, "ERROR": Qgis.MessageLevel.Critical,
+           "CRITICAL": Qgis.MessageLevel.Critical}
 
 
 class BackendLauncher(QObject):
@@ -188,7 +189,7 @@ class BackendLauncher(QObject):
             text += f"\n{record['traceback']}"
         self._stderr_tail.append(f"{level_name}: {record['msg']}"
                                  + (f" [{context}]" if context else ""))
-        log(text, _LEVELS.get(level_name, Qgis.Info))
+        log(text, _LEVELS.get(level_name, Qgis.MessageLevel.Info))
 
     def _on_error(self, process: QProcess, error: QProcess.ProcessError) -> None:
         if process is not self._process:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh Debian 12 machine:
+#   0. build the QGIS plugin zip and install it into the default QGIS profile
 #   1. install the backend (and its CLI `unigeoseg`) into .venv
 #   2. get the official SAM ViT-B weights with `unigeoseg weights download sam_vit_b`
 #   3. start the backend service on 127.0.0.1
@@ -8,6 +9,19 @@
 # Without real weights it says so and stops: it never shows random weights as a result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The QGIS plugin: built from this checkout and unpacked into the default profile, where
+# QGIS's Plugin Manager lists it ("UniGeoSeg"; enable it once).
+python3 scripts/build_plugin.py --out-dir dist
+PLUGINS="${QGIS_PLUGINS_DIR:-$HOME/.local/share/QGIS/QGIS3/profiles/default/python/plugins}"
+mkdir -p "$PLUGINS"
+if [ -L "$PLUGINS/unigeoseg_qgis" ] || [ -L "$PLUGINS/unigeoseg_qgis/plugin.py" ]; then
+    echo "keeping the development link at $PLUGINS/unigeoseg_qgis"
+else
+    rm -rf "$PLUGINS/unigeoseg_qgis"
+    python3 -m zipfile -e dist/unigeoseg_qgis-*.zip "$PLUGINS"
+    echo "QGIS plugin installed in $PLUGINS/unigeoseg_qgis"
+fi
+
 bash scripts/setup_backend.sh .venv
 PY=.venv/bin/python
 UNIGEOSEG=.venv/bin/unigeoseg

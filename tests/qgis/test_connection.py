@@ -244,6 +244,27 @@ def test_a_request_past_its_deadline_fails_with_timeout_and_is_cancelled(qtbot):
         router.close(linger=0)
 
 
+def test_a_send_that_would_block_fails_the_request_instead_of_blocking(qtbot):
+    """Nobody listens: ZeroMQ queues up to its high-water mark, then refuses; requests past it
+    fail with ``send_failed`` (the GUI thread never waits), and every request gets exactly
+    one callback."""
+    connection = BackendConnection(f"tcp://127.0.0.1:{free_loopback_port()}", heartbeat_s=30)
+    connection.open()
+    try:
+        calls = [Calls() for _ in range(1200)]  # ZeroMQ's default high-water mark is 1000
+        for c in calls:
+            connection.request("status", timeout_s=60, **c.callbacks())
+        qtbot.waitUntil(lambda: any(c.errors for c in calls), timeout=5000)
+        failed = [c.errors[0] for c in calls if c.errors]
+        assert failed and {code for code, _ in failed} == {"send_failed"}
+        assert "send queue is full" in failed[0][1]
+        assert connection.pending_count() == len(calls) - len(failed)
+    finally:
+        connection.close()
+    assert all(c.answered == 1 and not c.replies for c in calls)
+    assert {c.errors[0][0] for c in calls} == {"send_failed", "closed"}
+
+
 def test_the_backends_own_timeout_reaches_on_error(qtbot, connect, backend):
     connection = connect(backend.address)
     calls = request_and_wait(qtbot, connection, "set_image", set_image_params(),
@@ -314,7 +335,7 @@ def test_a_killed_backend_fails_requests_with_backend_lost(qtbot, connect, tiny_
     qtbot.waitUntil(lambda: later.answered > 0, timeout=5000)
     assert [code for code, _ in later.errors] == ["backend_lost"]
     assert len(calls.errors) == 1 and len(connection.losses) == 1
-    assert not [m for m, level in plugin_log if level == Qgis.Critical], plugin_log
+    assert not [m for m, level in plugin_log if level == Qgis.MessageLevel.Critical], plugin_log
     assert_qgis_alive(qtbot)
 
 
@@ -380,19 +401,24 @@ def test_the_launcher_starts_a_backend_that_a_connection_can_use(qtbot, connect,
 
         connection = connect(address)
         assert connection.hello_info["engines"]["sam"]["available"]
-        assert request_and_wait(qtbot, connection, "status").result()["uptime_s"] >= 0
+        calls = Calls()
+        request_id = connection.request("status", **calls.callbacks())
+        qtbot.waitUntil(lambda: calls.answered > 0, timeout=WAIT_MS)
+        assert calls.result()["uptime_s"] >= 0
         connection.close()
-        # The backend's JSON-lines stderr lands in the plugin's log tab, readable.
-        qtbot.waitUntil(lambda: any("backend: engine sam loaded" in m for m, _ in plugin_log),
-                        timeout=WAIT_MS)
-        assert not any(m.startswith('backend: {"') for m, _ in plugin_log)
+        # The backend's JSON-lines stderr lands in the plugin's log tab, readable, with the
+        # request id and op; the heartbeats' hello requests are left out.
+        qtbot.waitUntil(lambda: any(f"request_id {request_id}, op status" in m
+                                    for m, _ in plugin_log), timeout=WAIT_MS)
+        assert any("backend: engine sam loaded" in m for m, _ in plugin_log)
+        assert not any(m.startswith('backend: {"') or "op hello" in m for m, _ in plugin_log)
 
         with qtbot.waitSignal(launcher.finished, timeout=WAIT_MS) as finished:
             launcher.stop()
         assert finished.args == [0]
         assert not launcher.is_running and launcher.address is None
         launcher.stop()  # twice is fine
-        assert not [m for m, level in plugin_log if level == Qgis.Critical]
+        assert not [m for m, level in plugin_log if level == Qgis.MessageLevel.Critical]
     finally:
         launcher.stop(timeout_ms=2000)
 
