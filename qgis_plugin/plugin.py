@@ -78,6 +78,10 @@ class UniGeoSegPlugin:
             self.controller.deleteLater()
             self.controller = None
         if self.dock is not None:
+            # The dock is deleted later; until then its layer combos still emit when layers
+            # leave the project, and must not reach the controller that is gone.
+            for combo in (self.dock.source_combo, self.dock.target_combo):
+                combo.layerChanged.disconnect()
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None
@@ -171,7 +175,8 @@ class UniGeoSegPlugin:
         self.connection.disconnected.connect(self._on_disconnected)
 
     def _target_changed(self, layer) -> None:
-        self.controller.target_layer = layer
+        if self.controller is not None:
+            self.controller.target_layer = layer
 
     def _options_changed(self) -> None:
         self.settings.simplify = self.dock.simplify_spin.value()

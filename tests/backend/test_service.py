@@ -300,11 +300,16 @@ def test_shutdown_op_stops_the_service(backend_factory, tiny_sam_checkpoint):
 
 def test_logs_are_json_lines_naming_the_request(tiny_backend):
     with Client(tiny_backend.address) as c:
-        request_id = c.send("hello")
+        request_id = c.send("segment", {
+            "georeference": UTM_TILE.to_wire(),
+            "prompt": Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)).to_wire()},
+            {"pixels": _tile(seed=11)})
         c.receive(request_id)
     lines = [json.loads(line) for line in tiny_backend.log().splitlines() if line.strip()]
-    assert any(line.get("request_id") == request_id and line.get("op") == "hello"
-               for line in lines)
+    mine = [line for line in lines if line.get("request_id") == request_id]
+    assert {line["msg"] for line in mine} >= {"request", "request done"}
+    assert all(line["op"] == "segment" for line in mine)
+    assert any("elapsed_ms" in line for line in mine)
 
 
 def test_serving_on_a_non_loopback_address_without_curve_is_refused():

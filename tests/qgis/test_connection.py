@@ -402,13 +402,17 @@ def test_the_launcher_starts_a_backend_that_a_connection_can_use(qtbot, connect,
         connection = connect(address)
         assert connection.hello_info["engines"]["sam"]["available"]
         calls = Calls()
-        request_id = connection.request("status", **calls.callbacks())
+        # A segment of an image the backend never saw: answered with a typed error, and
+        # logged at INFO (hello and status are DEBUG, so heartbeats stay out of the log).
+        request_id = connection.request("segment", {"image_id": "never-sent",
+                                                    "prompt": {"points": [[1.0, 2.0]]}},
+                                        **calls.callbacks())
         qtbot.waitUntil(lambda: calls.answered > 0, timeout=WAIT_MS)
-        assert calls.result()["uptime_s"] >= 0
+        assert calls.errors and calls.errors[0][0] == "unknown_image"
         connection.close()
         # The backend's JSON-lines stderr lands in the plugin's log tab, readable, with the
         # request id and op; the heartbeats' hello requests are left out.
-        qtbot.waitUntil(lambda: any(f"request_id {request_id}, op status" in m
+        qtbot.waitUntil(lambda: any(f"request_id {request_id}, op segment" in m
                                     for m, _ in plugin_log), timeout=WAIT_MS)
         assert any("backend: engine sam loaded" in m for m, _ in plugin_log)
         assert not any(m.startswith('backend: {"') or "op hello" in m for m, _ in plugin_log)

@@ -32,6 +32,13 @@ PIXEL = 0.5
 UTM = "EPSG:32633"
 
 
+@pytest.fixture(autouse=True)
+def empty_project():
+    """Layers left in the project when QGIS exits can crash the interpreter at exit."""
+    yield
+    QgsProject.instance().removeAllMapLayers()
+
+
 @pytest.fixture
 def raster(tmp_path) -> QgsRasterLayer:
     from osgeo import gdal, osr

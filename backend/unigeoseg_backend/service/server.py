@@ -205,7 +205,9 @@ class Service:
             self._reply_error(client, request_id, ErrorCode.UNKNOWN_OP,
                               f"unknown op {op!r}; this backend knows {list(OPS)}")
             return
-        logger.info("request", extra={"request_id": request_id, "op": op})
+        # Heartbeats (hello, status) every few seconds would drown the log at INFO.
+        level = logging.DEBUG if op in ("hello", "status") else logging.INFO
+        logger.log(level, "request", extra={"request_id": request_id, "op": op})
         try:
             if op == "hello":
                 self._reply_ok(client, request_id, self._hello())
