@@ -31,11 +31,13 @@ from qgis.PyQt.QtGui import QColor
 
 from .core import results
 from .core.log import log, warn
-from .core.raster_read import is_file_raster, native_window, read_window
+from .core.raster_read import display_bands, is_file_raster
+from .core.raster_window import read_window_around
 from .core.render import render_window
 from .core.session import PromptSession
 from .core.settings import PluginSettings
 from .core.tiles import TileWindow, tiles_over_extent, window_around
+from .tasks import BackendRequestTask, submit
 
 #: A click this close to a window edge gets a new window centred on it (context matters).
 EDGE_MARGIN_PX = 32
@@ -76,11 +78,11 @@ class SegmentationController(QObject):
         self._accepted: list[Accepted] = []
         self._in_flight: str | None = None
         self._resend = False
-        self._preview = QgsRubberBand(canvas, QgsWkbTypes.PolygonGeometry)
+        self._preview = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
         self._preview.setColor(QColor(0, 200, 255, 230))
         self._preview.setFillColor(QColor(0, 200, 255, 60))
         self._preview.setWidth(2)
-        self._markers = QgsRubberBand(canvas, QgsWkbTypes.PointGeometry)
+        self._markers = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PointGeometry)
         self._markers.setIconSize(8)
 
     # ------------------------------------------------------------------ inputs
@@ -129,7 +131,7 @@ class SegmentationController(QObject):
             if last.layer.isEditable() and last.layer.undoStack().canUndo():
                 last.layer.undoStack().undo()
                 last.layer.triggerRepaint()
-                self.message("removed the last accepted polygon(s)", Qgis.Info)
+                self.message("removed the last accepted polygon(s)", Qgis.MessageLevel.Info)
 
     def clear(self) -> None:
         self.session.next_object()
@@ -139,16 +141,16 @@ class SegmentationController(QObject):
         """Write the previewed polygons into the target layer; returns how many."""
         result = self.session.result
         if not result or not result.get("features"):
-            self.message("nothing to accept yet: click on the object first", Qgis.Info)
+            self.message("nothing to accept yet: click on the object first", Qgis.MessageLevel.Info)
             return 0
         layer = self.target_layer or self._default_target_layer()
-        source_crs = results.collection_crs(result, self.session.window.crs)
+        source_crs = results.collection_crs(result, self._result_default_crs())
         features = results.to_layer_features(result, source_crs, layer,
                                              self.source_layer.name() if self.source_layer
                                              else "")
         if not results.add_features_undoably(layer, features):
             self.message(f"could not add polygons to {layer.name()} (is it read-only?)",
-                         Qgis.Critical)
+                         Qgis.MessageLevel.Critical)
             return 0
         layer.triggerRepaint()
         self._accepted.append(Accepted(layer, len(features)))
@@ -166,7 +168,8 @@ class SegmentationController(QObject):
         engine = (self.connection.hello_info or {}).get("engines", {}).get("unigeoseg", {})
         if not engine.get("available"):
             self.message("text prompts need the UniGeoSeg engine, which this backend does not "
-                         f"offer: {engine.get('reason', 'not available')}", Qgis.Warning)
+                         f"offer: {engine.get('reason', 'not available')}",
+                         Qgis.MessageLevel.Warning)
             return
         crs = self.canvas.mapSettings().destinationCrs()
         extent = self.canvas.mapSettings().visibleExtent()
@@ -174,24 +177,26 @@ class SegmentationController(QObject):
                                     (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(),
                                      extent.yMaximum()),
                                     self.canvas.mapUnitsPerPixel(), self.settings.tile_px)
-        for window in windows:
+        self.session.new_window(None)  # text results are not tied to a click window
+        for index, window in enumerate(windows, start=1):
             pixels = render_window(self.source_layer, window)
-            self.connection.request(
+            submit(BackendRequestTask(
+                f"UniGeoSeg: '{text[:40]}' tile {index}/{len(windows)}", self.connection,
                 "segment", {"georeference": self._georeference(window),
                             "prompt": {"text": text, "task": task},
-                            "options": self._options()},
+                            "options": dict(self._options(), engine="unigeoseg")},
                 {"pixels": pixels}, self.settings.request_timeout_s,
-                on_reply=self._on_text_reply, on_error=self._on_error)
+                self._on_text_reply, self._on_error))
 
     # ------------------------------------------------------------------ internals
 
     def _ready(self) -> bool:
         if self.source_layer is None or not self.source_layer.isValid():
-            self.message("choose a raster layer to segment first", Qgis.Warning)
+            self.message("choose a raster layer to segment first", Qgis.MessageLevel.Warning)
             return False
         if not self.connection.is_connected:
             self.message(f"no backend at {self.connection.address}: start or connect it from "
-                         f"the UniGeoSeg panel", Qgis.Warning)
+                         f"the UniGeoSeg panel", Qgis.MessageLevel.Warning)
             return False
         return True
 
@@ -207,7 +212,7 @@ class SegmentationController(QObject):
         except Exception as exc:  # noqa: BLE001 - any provider/render failure: tell, don't crash
             warn(f"reading the tile failed: {exc!r}")
             self.message(f"could not read pixels from {self.source_layer.name()}: {exc}",
-                         Qgis.Critical)
+                         Qgis.MessageLevel.Critical)
             return None
         self.session.new_window(window)
         self._upload(window, pixels, raster)
@@ -220,11 +225,12 @@ class SegmentationController(QObject):
             to_layer = QgsCoordinateTransform(self._canvas_crs(), layer.crs(),
                                               QgsProject.instance())
             point = to_layer.transform(canvas_point)
-            window = native_window(layer, point.x(), point.y(), tile_px)
-            pixels, nodata = read_window(layer, window)
-            raster = {"stretch": "auto"} if nodata is None else {"stretch": "auto",
-                                                                 "nodata": nodata}
-            return window, pixels, raster
+            native = read_window_around(layer, point.x(), point.y(), tile_px,
+                                        bands=display_bands(layer))
+            gt = native.georeference.geotransform
+            window = TileWindow(crs=native.georeference.crs, x0=gt[0], y0=gt[3],
+                                pixel_size=gt[1], width=native.width, height=native.height)
+            return window, native.pixels, native.raster.to_wire()
         crs = self._canvas_crs()
         resolution = self.settings.ground_resolution or self.canvas.mapUnitsPerPixel()
         window = window_around(crs.authid() or crs.toWkt(), canvas_point.x(), canvas_point.y(),
@@ -245,10 +251,12 @@ class SegmentationController(QObject):
                     self._resend = False
                     self._segment()
 
-        self.connection.request("set_image", {"georeference": self._georeference(window),
-                                              "raster": raster, "engine": "sam"},
-                                {"pixels": pixels}, self.settings.request_timeout_s,
-                                on_reply=on_reply, on_error=self._on_error)
+        # Encoding can take seconds on a CPU: show it in the task bar, where it can be cancelled.
+        submit(BackendRequestTask(
+            f"UniGeoSeg: encoding a {window.width} x {window.height} tile", self.connection,
+            "set_image", {"georeference": self._georeference(window), "raster": raster,
+                          "engine": "sam"},
+            {"pixels": pixels}, self.settings.request_timeout_s, on_reply, self._on_error))
 
     def _segment(self) -> None:
         """Ask for the mask of the current prompts; coalesces clicks made while waiting."""
@@ -282,14 +290,17 @@ class SegmentationController(QObject):
         self._on_error(code, text)
 
     def _on_text_reply(self, message) -> None:
-        result = message.header["result"]["features"]
-        if result.get("features"):
-            self.session.result = result
-            self._refresh_overlays()
+        """Tiles answer one by one: their polygons add up (same CRS, the canvas's)."""
+        collection = message.header["result"]["features"]
+        if self.session.result is None:
+            self.session.result = collection
+        else:
+            self.session.result["features"].extend(collection["features"])
+        self._refresh_overlays()
 
     def _on_error(self, code: str, text: str) -> None:
         self._set_busy(False)
-        level = Qgis.Info if code == "cancelled" else Qgis.Warning
+        level = Qgis.MessageLevel.Info if code == "cancelled" else Qgis.MessageLevel.Warning
         self.message(f"{text} ({code})", level)
 
     def _options(self) -> dict[str, Any]:
@@ -299,6 +310,13 @@ class SegmentationController(QObject):
     @staticmethod
     def _georeference(window: TileWindow) -> dict[str, Any]:
         return {"crs": window.crs, "geotransform": list(window.geotransform)}
+
+    def _result_default_crs(self) -> str:
+        """CRS of a result without a ``crs`` member: its window's, else the canvas's."""
+        if self.session.window is not None:
+            return self.session.window.crs
+        crs = self._canvas_crs()
+        return crs.authid() or crs.toWkt()
 
     def _canvas_crs(self) -> QgsCoordinateReferenceSystem:
         return self.canvas.mapSettings().destinationCrs()
@@ -316,18 +334,18 @@ class SegmentationController(QObject):
 
     def _refresh_overlays(self) -> None:
         """Redraw the point markers and the preview polygons (canvas CRS)."""
-        self._markers.reset(QgsWkbTypes.PointGeometry)
-        self._preview.reset(QgsWkbTypes.PolygonGeometry)
+        self._markers.reset(QgsWkbTypes.GeometryType.PointGeometry)
+        self._preview.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
         window = self.session.window
         if window is not None:
             crs = QgsCoordinateReferenceSystem(window.crs)
             for x, y in self.session.points:
                 self._markers.addGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)), crs)
-            result = self.session.result
-            if result and result.get("features"):
-                source_crs = results.collection_crs(result, window.crs)
-                for geometry in results.geometries_from_collection(result):
-                    self._preview.addGeometry(geometry, source_crs)
+        result = self.session.result
+        if result and result.get("features"):
+            source_crs = results.collection_crs(result, self._result_default_crs())
+            for geometry in results.geometries_from_collection(result):
+                self._preview.addGeometry(geometry, source_crs)
         self.previewChanged.emit()
 
     def _default_target_layer(self) -> QgsVectorLayer:
@@ -340,7 +358,7 @@ class SegmentationController(QObject):
         project.addMapLayer(layer)
         self.target_layer = layer
         self.message(f"new layer {layer.name()} in {folder / 'unigeoseg_segments.gpkg'}",
-                     Qgis.Info)
+                     Qgis.MessageLevel.Info)
         return layer
 
     def preview_geometries(self) -> list[QgsGeometry]:

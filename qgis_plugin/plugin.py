@@ -134,7 +134,7 @@ class UniGeoSegPlugin:
             self.iface.messageBar().pushMessage(
                 "UniGeoSeg", f"missing Python packages: {', '.join(missing)}. Install them into "
                 f"the plugin's private folder from Raster > UniGeoSeg > Install dependencies.",
-                level=Qgis.Warning, duration=0)
+                level=Qgis.MessageLevel.Warning, duration=0)
             return False
         from .connection import BackendConnection
         from .controller import SegmentationController
@@ -167,9 +167,15 @@ class UniGeoSegPlugin:
         dock.startBackendRequested.connect(self._start_backend)
         dock.source_combo.layerChanged.connect(controller.set_source_layer)
         dock.target_combo.layerChanged.connect(self._target_changed)
-        dock.optionsChanged.connect(self._options_changed)
         dock.simplify_spin.setValue(self.settings.simplify)
         dock.min_area_spin.setValue(self.settings.min_area)
+        dock.resolution_spin.setValue(self.settings.ground_resolution)
+        dock.address_edit.setText(self.settings.backend_address)
+        dock.python_edit.setText(self.settings.backend_python)
+        dock.args_edit.setText(self.settings.backend_args)
+        # Connected after the initial values, so that showing the panel saves nothing.
+        dock.optionsChanged.connect(self._options_changed)
+        dock.backendSettingsChanged.connect(self._backend_settings_changed)
         controller.set_source_layer(dock.source_combo.currentLayer())
         self.connection.connected.connect(self._on_connected)
         self.connection.disconnected.connect(self._on_disconnected)
@@ -181,7 +187,27 @@ class UniGeoSegPlugin:
     def _options_changed(self) -> None:
         self.settings.simplify = self.dock.simplify_spin.value()
         self.settings.min_area = self.dock.min_area_spin.value()
+        self.settings.ground_resolution = self.dock.resolution_spin.value()
         self.settings.save()
+
+    def _backend_settings_changed(self) -> None:
+        address = self.dock.address_edit.text().strip()
+        self.settings.backend_python = self.dock.python_edit.text().strip()
+        self.settings.backend_args = self.dock.args_edit.text().strip()
+        changed = address and address != self.settings.backend_address
+        if changed:
+            self.settings.backend_address = address
+        self.settings.save()
+        if changed:  # a new address means a new connection
+            self.connection.close()
+            self.connection.deleteLater()
+            from .connection import BackendConnection
+
+            self.connection = BackendConnection(address)
+            self.controller.connection = self.connection
+            self.connection.connected.connect(self._on_connected)
+            self.connection.disconnected.connect(self._on_disconnected)
+            self.connection.open()
 
     # ------------------------------------------------------------------ dependencies
 
@@ -190,10 +216,10 @@ class UniGeoSegPlugin:
         (never into QGIS's own Python)."""
         missing = deps.missing_dependencies()
         if not missing:
-            self._message("all dependencies are installed", Qgis.Success)
+            self._message("all dependencies are installed", Qgis.MessageLevel.Success)
             return
         if not deps.privately_installable(missing):
-            self._message(deps.explain_missing(missing), Qgis.Critical)
+            self._message(deps.explain_missing(missing), Qgis.MessageLevel.Critical)
             return
 
         def run(task):
@@ -202,11 +228,13 @@ class UniGeoSegPlugin:
         def done(exception, result=None):
             self.install_task = None
             if exception is None and result and result[0]:
-                self._message("pyzmq installed; open the UniGeoSeg panel again", Qgis.Success)
+                self._message("pyzmq installed; open the UniGeoSeg panel again",
+                              Qgis.MessageLevel.Success)
             else:
                 detail = result[1] if result else repr(exception)
-                log(detail, Qgis.Critical)
-                self._message("installing pyzmq failed; see the UniGeoSeg log", Qgis.Critical)
+                log(detail, Qgis.MessageLevel.Critical)
+                self._message("installing pyzmq failed; see the UniGeoSeg log",
+                              Qgis.MessageLevel.Critical)
 
         self.install_task = QgsTask.fromFunction("UniGeoSeg: install pyzmq", run,
                                                  on_finished=done)
@@ -221,7 +249,7 @@ class UniGeoSegPlugin:
     def _start_backend(self) -> None:
         if not self.settings.backend_python:
             self._message("set the backend's Python (a venv with unigeoseg installed) in the "
-                          "plugin settings first", Qgis.Warning)
+                          "plugin settings first", Qgis.MessageLevel.Warning)
             return
         from .launcher import BackendLauncher
 
@@ -229,7 +257,7 @@ class UniGeoSegPlugin:
             self.launcher = BackendLauncher()
             self.launcher.started.connect(lambda address: self._reconnect())
             self.launcher.failed.connect(lambda reason: self._message(
-                f"the backend did not start: {reason}", Qgis.Critical))
+                f"the backend did not start: {reason}", Qgis.MessageLevel.Critical))
         self.launcher.start(self.settings.backend_python, self.settings.backend_address,
                             shlex.split(self.settings.backend_args))
 
@@ -246,9 +274,9 @@ class UniGeoSegPlugin:
     def _on_disconnected(self, reason: str) -> None:
         if self.dock is not None:
             self.dock.set_status(f"Backend: not connected ({reason})")
-        self._message(reason, Qgis.Warning)
+        self._message(reason, Qgis.MessageLevel.Warning)
 
-    def _message(self, text: str, level=Qgis.Info) -> None:
+    def _message(self, text: str, level=Qgis.MessageLevel.Info) -> None:
         self.iface.messageBar().pushMessage("UniGeoSeg", text, level=level, duration=5)
         log(text, level)
 

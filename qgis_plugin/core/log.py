@@ -7,13 +7,13 @@ from qgis.core import Qgis, QgsMessageLog
 TAG = "UniGeoSeg"
 
 
-def log(message: str, level: Qgis.MessageLevel = Qgis.Info) -> None:
+def log(message: str, level: Qgis.MessageLevel = Qgis.MessageLevel.Info) -> None:
     QgsMessageLog.logMessage(message, TAG, level)
 
 
 def warn(message: str) -> None:
-    log(message, Qgis.Warning)
+    log(message, Qgis.MessageLevel.Warning)
 
 
 def critical(message: str) -> None:
-    log(message, Qgis.Critical)
+    log(message, Qgis.MessageLevel.Critical)

@@ -1,34 +1,36 @@
-"""Read raw pixel values of a file raster on its own grid (no rendering, no resampling)."""
+"""Which file rasters are read raw, and which of their bands (the pixels are read by
+:mod:`.raster_window`, the plugin's one raster reader)."""
 
 from __future__ import annotations
 
-import numpy as np
-from qgis.core import (
-    Qgis,
-    QgsMultiBandColorRenderer,
-    QgsRasterLayer,
-    QgsRectangle,
-    QgsSingleBandGrayRenderer,
-)
+from qgis.core import QgsMultiBandColorRenderer, QgsRasterLayer, QgsSingleBandGrayRenderer
 
-from .tiles import TileWindow, window_on_grid
+from .raster_window import RasterWindowError, numpy_dtype, raster_grid
 
-_DTYPES = {
-    Qgis.DataType.Byte: np.uint8, Qgis.DataType.UInt16: np.uint16,
-    Qgis.DataType.Int16: np.int16, Qgis.DataType.UInt32: np.uint32,
-    Qgis.DataType.Int32: np.int32, Qgis.DataType.Float32: np.float32,
-    Qgis.DataType.Float64: np.float64,
-}
+#: Relative difference allowed between pixel width and height for "square" pixels.
+SQUARE_TOLERANCE = 1e-9
 
 
 def is_file_raster(layer: QgsRasterLayer) -> bool:
-    """A GDAL raster on a north-up grid: read its values directly. Anything else (XYZ, WMS,
-    WCS, PostGIS, virtual, rotated grids) is rendered instead."""
+    """A GDAL raster on its own north-up grid of square pixels, of data types that can be sent:
+    read its values directly. Anything else (XYZ, WMS, WCS, PostGIS, virtual, rotated grids,
+    non-square pixels) is rendered instead."""
     if layer.providerType() != "gdal":
         return False
     provider = layer.dataProvider()
-    return provider.xSize() > 0 and provider.ySize() > 0 and \
-        all(_DTYPES.get(provider.dataType(b)) for b in range(1, layer.bandCount() + 1))
+    if provider is None or provider.xSize() <= 0 or provider.ySize() <= 0:
+        return False
+    if not all(numpy_dtype(provider.dataType(b)) for b in range(1, layer.bandCount() + 1)):
+        return False
+    try:
+        grid = raster_grid(layer)
+    except RasterWindowError:
+        return False
+    # A rotated GeoTIFF is warped by QGIS onto a grid that is not the dataset's own (the
+    # grid is then not native); the window's tile is a TileWindow, which has square pixels.
+    _, dx, rot_x, _, rot_y, dy = grid.geotransform
+    return (grid.native and rot_x == 0.0 and rot_y == 0.0 and dx > 0 and dy < 0
+            and abs(dx + dy) <= SQUARE_TOLERANCE * dx)
 
 
 def display_bands(layer: QgsRasterLayer) -> list[int]:
@@ -41,38 +43,3 @@ def display_bands(layer: QgsRasterLayer) -> list[int]:
     if isinstance(renderer, QgsSingleBandGrayRenderer) and renderer.grayBand() > 0:
         return [renderer.grayBand()]
     return list(range(1, min(3, layer.bandCount()) + 1))
-
-
-def native_window(layer: QgsRasterLayer, x: float, y: float, tile_px: int) -> TileWindow:
-    """A ``tile_px`` window around (x, y) (layer CRS) on the raster's own pixel grid."""
-    extent = layer.extent()
-    pixel_size = layer.rasterUnitsPerPixelX()
-    return window_on_grid(layer.crs().authid() or layer.crs().toWkt(), x, y,
-                          extent.xMinimum(), extent.yMaximum(), pixel_size, tile_px,
-                          bounds_px=(layer.width(), layer.height()))
-
-
-def read_window(layer: QgsRasterLayer, window: TileWindow,
-                bands: list[int] | None = None) -> tuple[np.ndarray, float | None]:
-    """Values of ``bands`` over ``window`` as ``H x W x C``, and the nodata value (if any).
-
-    Float rasters carry nodata as NaN. Reads through a provider clone, so it is safe on a
-    worker thread too.
-    """
-    provider = layer.dataProvider().clone()
-    bands = bands or display_bands(layer)
-    extent = QgsRectangle(*window.extent)
-    planes, nodata = [], None
-    for band in bands:
-        block = provider.block(band, extent, window.width, window.height)
-        dtype = _DTYPES[block.dataType()]
-        raw = bytes(block.data())
-        plane = np.frombuffer(raw, dtype=dtype).reshape(window.height, window.width).copy()
-        if provider.sourceHasNoDataValue(band) and provider.useSourceNoDataValue(band):
-            value = provider.sourceNoDataValue(band)
-            if plane.dtype.kind == "f":
-                plane[plane == value] = np.nan
-            else:
-                nodata = float(value)
-        planes.append(plane)
-    return np.stack(planes, axis=-1), nodata

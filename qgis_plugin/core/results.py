@@ -105,9 +105,10 @@ def create_geopackage_layer(path: Path, layer_name: str,
     if Path(path).exists():
         options.actionOnExistingFile = \
             QgsVectorFileWriter.ActionOnExistingFile.CreateOrOverwriteLayer
-    writer = QgsVectorFileWriter.create(str(path), result_fields(), QgsWkbTypes.MultiPolygon, crs,
+    writer = QgsVectorFileWriter.create(str(path), result_fields(),
+                                        QgsWkbTypes.Type.MultiPolygon, crs,
                                         QgsProject.instance().transformContext(), options)
-    if writer.hasError() != QgsVectorFileWriter.NoError:
+    if writer.hasError() != QgsVectorFileWriter.WriterError.NoError:
         raise OSError(f"cannot create {path}: {writer.errorMessage()}")
     del writer  # closes the file
     layer = QgsVectorLayer(f"{path}|layername={layer_name}", layer_name, "ogr")

@@ -72,7 +72,7 @@ class PromptSession:
         self.result = None
         self.object_key = uuid.uuid4().hex
 
-    def new_window(self, window: TileWindow) -> None:
+    def new_window(self, window: TileWindow | None) -> None:
         """Move to another tile: prompts of the old one do not carry over."""
         self.next_object()
         self.window = window

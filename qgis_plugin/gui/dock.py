@@ -9,6 +9,7 @@ from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDockWidget,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -32,6 +33,7 @@ class UniGeoSegDock(QDockWidget):
     undoRequested = pyqtSignal()
     modeChanged = pyqtSignal(str)
     optionsChanged = pyqtSignal()
+    backendSettingsChanged = pyqtSignal()
 
     def __init__(self, parent=None):
         super().__init__("UniGeoSeg", parent)
@@ -51,7 +53,7 @@ class UniGeoSegDock(QDockWidget):
 
         form = QFormLayout()
         self.source_combo = QgsMapLayerComboBox()
-        self.source_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.source_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         form.addRow("Source layer", self.source_combo)
         self.mode_combo = QComboBox()
         for key, label in MODES:
@@ -62,7 +64,7 @@ class UniGeoSegDock(QDockWidget):
         self.text_edit.setEnabled(False)
         form.addRow("Instruction", self.text_edit)
         self.target_combo = QgsMapLayerComboBox()
-        self.target_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.target_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
         self.target_combo.setAllowEmptyLayer(True)
         self.target_combo.setLayer(None)
         form.addRow("Target layer", self.target_combo)
@@ -76,7 +78,29 @@ class UniGeoSegDock(QDockWidget):
         self.min_area_spin.setMaximum(1e12)
         self.min_area_spin.setToolTip("Drop polygons smaller than this (square map units)")
         form.addRow("Minimum area", self.min_area_spin)
+        self.resolution_spin = QgsDoubleSpinBox()
+        self.resolution_spin.setDecimals(4)
+        self.resolution_spin.setMaximum(1e6)
+        self.resolution_spin.setSpecialValueText("native / canvas")
+        self.resolution_spin.setToolTip("Ground resolution of the tiles sent to the model, map "
+                                        "units per pixel. 0: a file raster's native resolution, "
+                                        "the canvas resolution for online layers")
+        form.addRow("Resolution", self.resolution_spin)
         layout.addLayout(form)
+
+        backend_box = QGroupBox("Backend")
+        backend_form = QFormLayout(backend_box)
+        self.address_edit = QLineEdit()
+        self.address_edit.setToolTip("ZeroMQ address of the backend, e.g. tcp://127.0.0.1:5557")
+        backend_form.addRow("Address", self.address_edit)
+        self.python_edit = QLineEdit()
+        self.python_edit.setPlaceholderText("/path/to/venv/bin/python")
+        self.python_edit.setToolTip("A Python with the backend installed, to start it locally")
+        backend_form.addRow("Python", self.python_edit)
+        self.args_edit = QLineEdit()
+        self.args_edit.setPlaceholderText("--sam-checkpoint /path/sam_vit_b_01ec64.pth")
+        backend_form.addRow("serve options", self.args_edit)
+        layout.addWidget(backend_box)
 
         buttons = QHBoxLayout()
         self.accept_button = QPushButton("Accept (Enter)")
@@ -101,6 +125,9 @@ class UniGeoSegDock(QDockWidget):
         self.mode_combo.currentIndexChanged.connect(self._mode_changed)
         self.simplify_spin.valueChanged.connect(self.optionsChanged)
         self.min_area_spin.valueChanged.connect(self.optionsChanged)
+        self.resolution_spin.valueChanged.connect(self.optionsChanged)
+        for edit in (self.address_edit, self.python_edit, self.args_edit):
+            edit.editingFinished.connect(self.backendSettingsChanged)
 
     @property
     def mode(self) -> str:

@@ -29,7 +29,7 @@ class PromptMapTool(QgsMapTool):
         self._press_pos = None
         self._press_map = None
         self._dragging = False
-        self._box_band = QgsRubberBand(canvas, QgsWkbTypes.PolygonGeometry)
+        self._box_band = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
         self._box_band.setColor(QColor(255, 200, 0, 200))
         self._box_band.setFillColor(QColor(255, 200, 0, 40))
         self._box_band.setWidth(2)
@@ -54,7 +54,7 @@ class PromptMapTool(QgsMapTool):
         if self._dragging and event.button() == Qt.MouseButton.LeftButton:
             rect = QgsRectangle(self._press_map, event.mapPoint())
             rect.normalize()
-            self._box_band.reset(QgsWkbTypes.PolygonGeometry)
+            self._box_band.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
             self.boxDrawn.emit(rect)
         else:
             background = (event.button() == Qt.MouseButton.RightButton
@@ -77,7 +77,7 @@ class PromptMapTool(QgsMapTool):
         event.accept()
 
     def deactivate(self) -> None:
-        self._box_band.reset(QgsWkbTypes.PolygonGeometry)
+        self._box_band.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
         super().deactivate()
 
     def remove_rubber_bands(self) -> None:

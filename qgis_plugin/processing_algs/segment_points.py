@@ -41,10 +41,10 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication, QVariant
 
+from ..core.raster_window import RasterGrid, RasterWindowError, raster_grid, read_window_around
 from ..core.settings import PluginSettings
 from ..unigeoseg_protocol.errors import ErrorCode, RemoteError, RequestTimeout
 from ..unigeoseg_protocol.params import Prompt, SegmentOptions
-from .raster_window import RasterGrid, RasterWindowError, raster_grid, read_window_around
 
 #: Seconds to wait for the backend's answer to ``hello`` before saying there is none.
 HELLO_TIMEOUT_S = 3.0

@@ -19,10 +19,10 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
+from ..core.raster_window import RasterWindowError, read_window
 from ..core.settings import PluginSettings
 from ..unigeoseg_protocol.errors import RemoteError
 from ..unigeoseg_protocol.params import MAX_TEXT_CHARS, Prompt, SegmentOptions
-from .raster_window import RasterWindowError, read_window
 from .segment_points import (
     SKIPPABLE_CODES,
     Cancelled,

@@ -285,3 +285,87 @@ def test_the_canvas_with_results_renders_to_png(plugin, raster, qgis_iface, qtbo
     assert job.renderedImage().save(str(path))
     assert path.stat().st_size > 1000
     assert isinstance(target, QgsMapLayer) and QgsRectangle(canvas.extent()).width() > 0
+
+
+def test_a_slow_encode_shows_in_the_task_bar_and_can_be_cancelled(qgis_iface, qtbot, raster,
+                                                                  tmp_path, backend_process):
+    import qgis_plugin
+    from qgis.core import QgsApplication
+
+    instance = qgis_plugin.classFactory(qgis_iface)
+    instance.settings.backend_address = backend_process.address
+    instance.initGui()
+    assert instance.show_panel()
+    try:
+        qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
+        canvas = qgis_iface.mapCanvas()
+        _set_canvas(canvas, raster, UTM)
+        instance.dock.source_combo.setLayer(raster)
+        os.kill(backend_process.process.pid, signal.SIGSTOP)  # the encode never finishes
+        _click(instance, canvas, raster, 170.5, 120.5)
+        manager = QgsApplication.taskManager()
+        qtbot.waitUntil(lambda: any("encoding" in t.description() for t in manager.activeTasks()),
+                        timeout=10000)
+        task = next(t for t in manager.activeTasks() if "encoding" in t.description())
+        task.cancel()  # what the task bar's cancel button does
+        qtbot.waitUntil(lambda: any("cancelled" in m for m in
+                                    qgis_iface.messageBar().get_messages(0)), timeout=10000)
+        assert instance.controller.session.result is None
+    finally:
+        os.kill(backend_process.process.pid, signal.SIGCONT)
+        instance.unload()
+
+
+def _xyz_layer(tmp_path, zoom=16, x0=34000, y0=22000):
+    """A local XYZ tile layer (2 x 2 tiles of 256 px, file:// URLs): rendered, not read."""
+    from qgis.PyQt.QtGui import QColor, QImage
+
+    for dx in range(2):
+        for dy in range(2):
+            folder = tmp_path / "tiles" / str(zoom) / str(x0 + dx)
+            folder.mkdir(parents=True, exist_ok=True)
+            image = QImage(256, 256, QImage.Format.Format_RGB32)
+            image.fill(QColor(40 + 60 * dx, 80, 40 + 60 * dy))
+            for i in range(60, 160):
+                for j in range(80, 200):
+                    image.setPixelColor(j, i, QColor(230, 220, 40))
+            assert image.save(str(folder / f"{y0 + dy}.png"))
+    url = f"file://{tmp_path}/tiles/{{z}}/{{x}}/{{y}}.png"
+    layer = QgsRasterLayer(f"type=xyz&url={url}&zmin={zoom}&zmax={zoom}", "tiles", "wms")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    half = 20037508.342789244
+    size = 2 * half / 2 ** zoom
+    extent = QgsRectangle(-half + x0 * size, half - (y0 + 2) * size,
+                          -half + (x0 + 2) * size, half - y0 * size)
+    return layer, extent
+
+
+def test_online_layers_are_rendered_at_canvas_resolution(plugin, qgis_iface, qtbot, tmp_path):
+    layer, extent = _xyz_layer(tmp_path)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    canvas.setLayers([layer])
+    canvas.setExtent(extent)
+    plugin.dock.source_combo.setLayer(layer)
+    target = _target_layer(tmp_path, "EPSG:3857")
+    plugin.dock.target_combo.setLayer(target)
+    center = extent.center()
+    device = canvas.getCoordinateTransform().transform(center)
+    pos = QPoint(int(round(device.x())), int(round(device.y())))
+    button = Qt.MouseButton.LeftButton
+    plugin.map_tool.canvasPressEvent(QgsMapMouseEvent(canvas, QEvent.Type.MouseButtonPress, pos,
+                                                      button, button))
+    plugin.map_tool.canvasReleaseEvent(QgsMapMouseEvent(
+        canvas, QEvent.Type.MouseButtonRelease, pos, button, Qt.MouseButton.NoButton))
+    qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
+    window = plugin.controller.session.window
+    assert window.crs == "EPSG:3857"
+    assert window.pixel_size == pytest.approx(canvas.mapUnitsPerPixel())
+    _key(plugin, Qt.Key.Key_Return)
+    vertices = _vertices_in(target, "EPSG:3857")
+    assert len(vertices) > 0
+    cols = (vertices[:, 0] - window.x0) / window.pixel_size
+    rows = (window.y0 - vertices[:, 1]) / window.pixel_size
+    np.testing.assert_allclose(cols, np.round(cols), atol=1e-6)
+    np.testing.assert_allclose(rows, np.round(rows), atol=1e-6)

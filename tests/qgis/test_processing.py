@@ -35,12 +35,14 @@ from qgis.core import (  # noqa: E402
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QVariant  # noqa: E402
-from qgis_plugin.processing_algs import UniGeoSegProvider  # noqa: E402
-from qgis_plugin.processing_algs.raster_window import (  # noqa: E402
+from qgis_plugin.core.raster_read import is_file_raster  # noqa: E402
+from qgis_plugin.core.raster_window import (  # noqa: E402
+    RasterWindowError,
     raster_grid,
     read_window,
     read_window_around,
 )
+from qgis_plugin.processing_algs import UniGeoSegProvider  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -301,6 +303,51 @@ def test_nodata_travels_with_the_window(tmp_path):
     expected = np.moveaxis(floats, 0, -1).copy()
     expected[3, 4, 1] = np.nan
     assert np.array_equal(window.pixels, expected, equal_nan=True)
+
+
+def test_a_window_reads_the_bands_asked_for_in_their_order(tmp_path):
+    from osgeo import gdal
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 4000, size=(5, 60, 70), dtype=np.uint16)
+    path = tmp_path / "five.tif"
+    _write_geotiff(path, data)
+    layer = QgsRasterLayer(str(path), "five")
+    grid = raster_grid(layer)
+    dataset = gdal.Open(str(path))
+    for bands in ([4, 2, 5], [3], [1, 1]):
+        window = read_window(layer, grid, 9, 7, 40, 30, bands=bands)
+        expected = np.stack([dataset.GetRasterBand(b).ReadAsArray(9, 7, 40, 30) for b in bands],
+                            axis=-1)
+        assert window.pixels.dtype == np.uint16 and window.pixels.shape == (30, 40, len(bands))
+        assert np.array_equal(window.pixels, expected)
+    around = read_window_around(layer, *_map(35, 30), 32, grid=grid, bands=[5, 1])
+    expected = np.stack([dataset.GetRasterBand(b).ReadAsArray(around.col0, around.row0, 32, 32)
+                         for b in (5, 1)], axis=-1)
+    assert np.array_equal(around.pixels, expected)
+    assert read_window(layer, grid, 0, 0, 70, 60).pixels.shape == (60, 70, 5)  # None: all
+    for bad in ([0], [6], [1, 7], []):
+        with pytest.raises(RasterWindowError, match=r"band|bands"):
+            read_window_around(layer, *_map(35, 30), 32, grid=grid, bands=bad)
+    with pytest.raises(RasterWindowError, match=r"band 6 does not exist.*5 band\(s\)"):
+        read_window(layer, grid, 0, 0, 10, 10, bands=[2, 6])
+
+
+def test_only_north_up_square_pixel_file_rasters_are_read_raw(scene, tmp_path):
+    _, layer = scene
+    assert is_file_raster(layer)
+    data = np.zeros((3, 40, 50), np.uint8)
+    rotated = tmp_path / "rotated.tif"
+    _write_geotiff(rotated, data, geotransform=(ORIGIN[0], PIXEL, 0.1, ORIGIN[1], 0.1, -PIXEL))
+    layer = QgsRasterLayer(str(rotated), "rotated")
+    assert layer.isValid() and layer.providerType() == "gdal"
+    assert not raster_grid(layer).native  # QGIS warps it onto a grid of its own
+    assert not is_file_raster(layer)
+    oblong = tmp_path / "oblong.tif"
+    _write_geotiff(oblong, data, geotransform=(ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -0.25))
+    layer = QgsRasterLayer(str(oblong), "oblong")
+    assert layer.isValid() and raster_grid(layer).native
+    assert not is_file_raster(layer)
 
 
 # ---------------------------------------------------------------------------- real backend

@@ -1,5 +1,8 @@
 """Read windows of a raster layer at native resolution, on its own pixel grid, for the backend.
 
+The one raster reader of the plugin: the Processing algorithms and the interactive
+controller (for file rasters) both read their tiles here.
+
 Nothing is rendered or resampled: a window is a whole number of the layer's pixels, read band
 by band with ``QgsRasterDataProvider.block`` from a *clone* of the layer's provider (a clone
 may be used off the GUI thread, e.g. in a Processing algorithm), and sent with the exact GDAL
@@ -38,7 +41,13 @@ _WIRE_AUTHORITIES = ("EPSG", "ESRI", "IGNF", "OGC", "IAU_2015")
 
 
 class RasterWindowError(Exception):
-    """A window cannot be read (unsupported data type, provider failure, outside the raster)."""
+    """A window cannot be read (unsupported data type, provider failure, outside the raster,
+    a band that does not exist)."""
+
+
+def numpy_dtype(data_type) -> np.dtype | None:
+    """The numpy dtype of a ``Qgis.DataType`` whose pixels can be sent, else None."""
+    return _NUMPY_DTYPES.get(int(data_type))
 
 
 def crs_to_wire(crs: QgsCoordinateReferenceSystem) -> str:
@@ -62,6 +71,9 @@ class RasterGrid:
         x0, y0: map coordinates of the top-left corner of pixel (0, 0).
         dx: pixel width (> 0); dy: pixel height, negative for north-up (GDAL convention).
         width, height: raster size in pixels.
+        native: the geotransform is the dataset's own (read through GDAL, bit-exact), not
+            derived from the layer extent -- which is what QGIS gives for rasters it warps
+            (rotated grids) or that GDAL cannot open directly.
     """
 
     crs: QgsCoordinateReferenceSystem
@@ -71,6 +83,7 @@ class RasterGrid:
     dy: float
     width: int
     height: int
+    native: bool = False
 
     @property
     def geotransform(self) -> tuple[float, float, float, float, float, float]:
@@ -174,11 +187,12 @@ def raster_grid(layer: QgsRasterLayer,
         if (abs(gt[0] - extent.xMinimum()) > tolerance or abs(gt[3] - extent.yMaximum())
                 > tolerance or abs(gt[0] + width * gt[1] - extent.xMaximum()) > tolerance * width):
             gt = None
+    native = gt is not None
     if gt is None:
         gt = (extent.xMinimum(), extent.width() / width, 0.0,
               extent.yMaximum(), 0.0, -extent.height() / height)
     return RasterGrid(crs=layer.crs(), x0=gt[0], dx=gt[1], y0=gt[3], dy=gt[5],
-                      width=width, height=height)
+                      width=width, height=height, native=native)
 
 
 @dataclass
@@ -254,10 +268,26 @@ def _read_band(provider: QgsRasterDataProvider, band: int, extent: QgsRectangle,
     return np.frombuffer(data, dtype=dtype).reshape(height, width)
 
 
+def _checked_bands(bands: list[int] | None, band_count: int, name: str) -> list[int]:
+    """1-based band numbers to read (None: all of them), each checked to exist."""
+    if bands is None:
+        return list(range(1, band_count + 1))
+    bands = list(bands)
+    if not bands:
+        raise RasterWindowError(f"no bands to read from raster layer {name!r}")
+    for band in bands:
+        if isinstance(band, bool) or not isinstance(band, (int, np.integer)) \
+                or not 1 <= band <= band_count:
+            raise RasterWindowError(f"band {band!r} does not exist in raster layer {name!r}, "
+                                    f"which has {band_count} band(s), numbered 1 to "
+                                    f"{band_count}")
+    return [int(band) for band in bands]
+
+
 def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, width: int,
                 height: int, provider: QgsRasterDataProvider | None = None,
-                feedback=None) -> RasterWindow:
-    """Read pixels ``[col0, col0+width) x [row0, row0+height)`` of every band, unresampled.
+                feedback=None, bands: list[int] | None = None) -> RasterWindow:
+    """Read pixels ``[col0, col0+width) x [row0, row0+height)`` of ``bands``, unresampled.
 
     Args:
         layer: the raster layer (name and CRS).
@@ -266,9 +296,11 @@ def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, w
             (pass one clone for many reads off the GUI thread).
         feedback: optional QgsRasterBlockFeedback, passed to the provider (cancels a long
             read); other feedback objects are ignored.
+        bands: 1-based band numbers, in the order of the window's channels; None = all.
 
     Raises:
-        RasterWindowError: a window off the raster, an unreadable band or data type.
+        RasterWindowError: a window off the raster, a band that does not exist, an
+            unreadable band or data type.
     """
     if width < 1 or height < 1 or col0 < 0 or row0 < 0 \
             or col0 + width > grid.width or row0 + height > grid.height:
@@ -278,9 +310,10 @@ def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, w
         provider = layer.dataProvider().clone()
         if provider is None:
             raise RasterWindowError(f"cannot clone the data provider of {layer.name()!r}")
+    band_numbers = _checked_bands(bands, provider.bandCount(), layer.name())
     extent = grid.window_extent(col0, row0, width, height)
-    bands, invalid_bands, nodata_values = [], [], []
-    for band in range(1, provider.bandCount() + 1):
+    planes, invalid_bands, nodata_values = [], [], []
+    for band in band_numbers:
         values = _read_band(provider, band, extent, width, height, feedback)
         invalid = np.zeros(values.shape, dtype=bool)
         nodata = None
@@ -295,12 +328,12 @@ def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, w
         user_ranges = list(provider.userNoDataValues(band))
         if user_ranges:
             invalid |= _in_ranges(values, user_ranges)
-        bands.append(values)
+        planes.append(values)
         invalid_bands.append(invalid)
         nodata_values.append((nodata, bool(user_ranges)))
-    if not bands:
+    if not planes:
         raise RasterWindowError(f"raster layer {layer.name()!r} has no bands")
-    pixels = np.stack(bands, axis=-1)
+    pixels = np.stack(planes, axis=-1)
     any_invalid = any(inv.any() for inv in invalid_bands)
     options = RasterOptions()
     if any_invalid:
@@ -332,12 +365,15 @@ def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, w
 def read_window_around(layer: QgsRasterLayer, x: float, y: float, tile_px: int,
                        grid: RasterGrid | None = None,
                        provider: QgsRasterDataProvider | None = None,
-                       feedback=None) -> RasterWindow:
-    """The ``tile_px`` window around map point (x, y) (layer CRS), shifted inside the raster.
+                       feedback=None, bands: list[int] | None = None) -> RasterWindow:
+    """The ``tile_px`` window around map point (x, y) (layer CRS), shifted inside the raster,
+    of ``bands`` (1-based band numbers; None = all bands).
 
     Raises:
-        RasterWindowError: the point is outside the raster, or the window cannot be read.
+        RasterWindowError: the point is outside the raster, a band does not exist, or the
+            window cannot be read.
     """
     grid = grid or raster_grid(layer, provider)
     col0, row0, width, height = grid.window_around(x, y, tile_px)
-    return read_window(layer, grid, col0, row0, width, height, provider, feedback)
+    return read_window(layer, grid, col0, row0, width, height, provider, feedback,
+                       bands=bands)
