@@ -63,16 +63,29 @@ def raster(tmp_path) -> QgsRasterLayer:
 
 
 @pytest.fixture
-def plugin(qgis_iface, backend, qtbot):
+def plugin_on(qgis_iface, qtbot):
+    """Call with a backend address: the plugin loaded, panel open, connected; unloaded after."""
     import qgis_plugin
 
-    instance = qgis_plugin.classFactory(qgis_iface)
-    instance.settings.backend_address = backend.address
-    instance.initGui()
-    assert instance.show_panel()
-    qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
-    yield instance
-    instance.unload()
+    started = []
+
+    def start(address: str):
+        instance = qgis_plugin.classFactory(qgis_iface)
+        instance.settings.backend_address = address
+        instance.initGui()
+        started.append(instance)
+        assert instance.show_panel()
+        qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.unload()
+
+
+@pytest.fixture
+def plugin(plugin_on, backend):
+    return plugin_on(backend.address)
 
 
 def _set_canvas(canvas, raster_layer, crs: str, rotation: float = 0.0) -> None:
@@ -226,32 +239,22 @@ def test_later_clicks_reuse_the_tile_and_undo_works(plugin, raster, qgis_iface, 
     assert plugin.controller.session.is_empty
 
 
-def test_a_backend_killed_mid_request_leaves_layers_untouched(qgis_iface, qtbot, raster,
-                                                              tmp_path, backend_process):
-    import qgis_plugin
-
-    instance = qgis_plugin.classFactory(qgis_iface)
-    instance.settings.backend_address = backend_process.address
-    instance.initGui()
-    assert instance.show_panel()
-    try:
-        qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
-        canvas = qgis_iface.mapCanvas()
-        _set_canvas(canvas, raster, UTM)
-        instance.dock.source_combo.setLayer(raster)
-        target = _target_layer(tmp_path, UTM)
-        instance.dock.target_combo.setLayer(target)
-        os.kill(backend_process.process.pid, signal.SIGSTOP)  # hangs mid-request
-        _click(instance, canvas, raster, 170.5, 120.5)
-        os.kill(backend_process.process.pid, signal.SIGKILL)
-        qtbot.waitUntil(lambda: not instance.connection.is_connected, timeout=30000)
-        _key(instance, Qt.Key.Key_Return)  # nothing to accept: no half-written feature
-        assert target.featureCount() == 0
-        messages = qgis_iface.messageBar().get_messages(1) + \
-            qgis_iface.messageBar().get_messages(2)
-        assert any("backend" in m.lower() for m in messages)
-    finally:
-        instance.unload()
+def test_a_backend_killed_mid_request_leaves_layers_untouched(plugin_on, qgis_iface, qtbot,
+                                                              raster, tmp_path, backend_process):
+    instance = plugin_on(backend_process.address)
+    canvas = qgis_iface.mapCanvas()
+    _set_canvas(canvas, raster, UTM)
+    instance.dock.source_combo.setLayer(raster)
+    target = _target_layer(tmp_path, UTM)
+    instance.dock.target_combo.setLayer(target)
+    os.kill(backend_process.process.pid, signal.SIGSTOP)  # hangs mid-request
+    _click(instance, canvas, raster, 170.5, 120.5)
+    os.kill(backend_process.process.pid, signal.SIGKILL)
+    qtbot.waitUntil(lambda: not instance.connection.is_connected, timeout=30000)
+    _key(instance, Qt.Key.Key_Return)  # nothing to accept: no half-written feature
+    assert target.featureCount() == 0
+    messages = qgis_iface.messageBar().get_messages(1) + qgis_iface.messageBar().get_messages(2)
+    assert any("backend" in m.lower() for m in messages)
 
 
 def test_the_canvas_with_results_renders_to_png(plugin, raster, qgis_iface, qtbot, tmp_path):
@@ -287,17 +290,12 @@ def test_the_canvas_with_results_renders_to_png(plugin, raster, qgis_iface, qtbo
     assert isinstance(target, QgsMapLayer) and QgsRectangle(canvas.extent()).width() > 0
 
 
-def test_a_slow_encode_shows_in_the_task_bar_and_can_be_cancelled(qgis_iface, qtbot, raster,
-                                                                  tmp_path, backend_process):
-    import qgis_plugin
+def test_a_slow_encode_shows_in_the_task_bar_and_can_be_cancelled(plugin_on, qgis_iface, qtbot,
+                                                                  raster, backend_process):
     from qgis.core import QgsApplication
 
-    instance = qgis_plugin.classFactory(qgis_iface)
-    instance.settings.backend_address = backend_process.address
-    instance.initGui()
-    assert instance.show_panel()
+    instance = plugin_on(backend_process.address)
     try:
-        qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
         canvas = qgis_iface.mapCanvas()
         _set_canvas(canvas, raster, UTM)
         instance.dock.source_combo.setLayer(raster)
@@ -313,7 +311,6 @@ def test_a_slow_encode_shows_in_the_task_bar_and_can_be_cancelled(qgis_iface, qt
         assert instance.controller.session.result is None
     finally:
         os.kill(backend_process.process.pid, signal.SIGCONT)
-        instance.unload()
 
 
 def _xyz_layer(tmp_path, zoom=16, x0=34000, y0=22000):
