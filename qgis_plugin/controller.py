@@ -205,7 +205,11 @@ class SegmentationController(QObject):
         current = self.session.window
         if current is not None:
             x, y = self._to_window_crs(canvas_point, current)
-            if current.contains(x, y, EDGE_MARGIN_PX):
+            # A first click near the edge gets a window centred on it; later clicks on the
+            # same object stay on its window wherever they fall inside it (a window at the
+            # raster's border cannot be centred anyway).
+            margin = EDGE_MARGIN_PX if self.session.is_empty else 0.0
+            if current.contains(x, y, margin):
                 return current
         try:
             window, pixels, raster = self._new_window(canvas_point)
@@ -251,12 +255,18 @@ class SegmentationController(QObject):
                     self._resend = False
                     self._segment()
 
+        def on_error(code: str, text: str) -> None:
+            if self.session.window is window_key:  # the next click uploads the tile again
+                self.session.window = None
+                self._resend = False
+            self._on_error(code, text)
+
         # Encoding can take seconds on a CPU: show it in the task bar, where it can be cancelled.
         submit(BackendRequestTask(
             f"UniGeoSeg: encoding a {window.width} x {window.height} tile", self.connection,
             "set_image", {"georeference": self._georeference(window), "raster": raster,
                           "engine": "sam"},
-            {"pixels": pixels}, self.settings.request_timeout_s, on_reply, self._on_error))
+            {"pixels": pixels}, self.settings.request_timeout_s, on_reply, on_error))
 
     def _segment(self) -> None:
         """Ask for the mask of the current prompts; coalesces clicks made while waiting."""
