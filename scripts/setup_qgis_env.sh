@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 VENV="${1:-.venv-qgis}"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+$SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
     python3-venv python3-qgis qgis-providers python3-zmq >/dev/null
 if [ ! -x "$VENV/bin/python" ]; then
     # Debian's Python refuses pip installs (PEP 668); a venv that sees its site-packages

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from qgis_plugin.core.session import PromptSession
 from qgis_plugin.core.tiles import TileWindow, tiles_over_extent, window_around, window_on_grid
 
