@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from tests.conftest import REPO
 from tests.qgis.test_processing import ORIGIN, PIXEL, UTM, scene  # noqa: F401 - fixture
 
