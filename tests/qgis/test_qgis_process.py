@@ -25,7 +25,7 @@ def _points_gpkg(path, points_utm, labels):
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
     layer = ds.CreateLayer("prompts", srs, ogr.wkbPoint)
     layer.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
-    for (x, y), label in zip(points_utm, labels):
+    for (x, y), label in zip(points_utm, labels, strict=True):
         feature = ogr.Feature(layer.GetLayerDefn())
         feature.SetField("label", label)
         feature.SetGeometry(ogr.CreateGeometryFromWkt(f"POINT ({x} {y})"))
@@ -50,7 +50,7 @@ def qgis_process_env(tmp_path):
     return env
 
 
-def test_qgis_process_lists_and_runs_segment_by_points(qgis_process_env, scene, backend,
+def test_qgis_process_lists_and_runs_segment_by_points(qgis_process_env, scene, backend,  # noqa: F811
                                                         tmp_path):
     listing = subprocess.run([QGIS_PROCESS, "list"], env=qgis_process_env, capture_output=True,
                              text=True, timeout=180)
