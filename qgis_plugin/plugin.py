@@ -85,6 +85,9 @@ class UniGeoSegPlugin:
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None
+        from .tasks import cancel_all
+
+        cancel_all()
         if self.connection is not None:
             self.connection.close()
             self.connection.deleteLater()
@@ -131,10 +134,7 @@ class UniGeoSegPlugin:
     def _build(self) -> bool:
         missing = deps.missing_dependencies()
         if missing:
-            self.iface.messageBar().pushMessage(
-                "UniGeoSeg", f"missing Python packages: {', '.join(missing)}. Install them into "
-                f"the plugin's private folder from Raster > UniGeoSeg > Install dependencies.",
-                level=Qgis.MessageLevel.Warning, duration=0)
+            self._offer_install(missing)
             return False
         from .connection import BackendConnection
         from .controller import SegmentationController
@@ -211,6 +211,19 @@ class UniGeoSegPlugin:
 
     # ------------------------------------------------------------------ dependencies
 
+    def _offer_install(self, missing: list[str]) -> None:
+        """A message bar entry with a one-click install button."""
+        from qgis.PyQt.QtWidgets import QPushButton
+
+        bar = self.iface.messageBar()
+        item = bar.createMessage("UniGeoSeg", f"missing Python packages: {', '.join(missing)} "
+                                 f"(installed into a plugin-private folder, not into QGIS's "
+                                 f"own Python)")
+        button = QPushButton("Install")
+        button.clicked.connect(self.install_dependencies)
+        item.layout().addWidget(button)
+        bar.pushWidget(item, Qgis.MessageLevel.Warning, 0)
+
     def install_dependencies(self) -> None:
         """pip-install pyzmq into the plugin's private folder, in a cancellable QGIS task
         (never into QGIS's own Python)."""
@@ -263,8 +276,8 @@ class UniGeoSegPlugin:
 
     def _on_connected(self, hello: dict) -> None:
         gpu = hello.get("gpu") or {}
-        engines = [name for name, info in hello.get("engines", {}).items()
-                   if info.get("available")]
+        engines = [f"{name} ({info.get('model') or 'not loaded'})"
+                   for name, info in hello.get("engines", {}).items() if info.get("available")]
         device = f"{hello.get('device')}" + (f" ({gpu.get('name')})" if gpu else "")
         text = (f"Backend: connected to {self.connection.address}<br>engines: "
                 f"{', '.join(engines) or 'none'} · device: {device}")

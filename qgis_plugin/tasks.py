@@ -61,6 +61,12 @@ class BackendRequestTask(QgsTask):
             self._connection.cancel(self.request_id)  # reports "cancelled" through on_error
 
 
+def cancel_all() -> None:
+    """Cancel every request task still in the task bar (plugin unload)."""
+    for task in list(_LIVE):
+        task.cancel()
+
+
 def submit(task: BackendRequestTask) -> BackendRequestTask:
     _LIVE.add(task)
     QgsApplication.taskManager().addTask(task)

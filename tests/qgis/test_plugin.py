@@ -26,6 +26,7 @@ from qgis.core import (  # noqa: E402
 from qgis.gui import QgsMapMouseEvent  # noqa: E402
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt  # noqa: E402
 from qgis.PyQt.QtGui import QKeyEvent  # noqa: E402
+from qgis.PyQt.QtWidgets import QPushButton  # noqa: E402
 
 ORIGIN = (500000.0, 4100000.0)  # UTM 33N, 0.5 m pixels
 PIXEL = 0.5
@@ -39,18 +40,31 @@ def empty_project():
     QgsProject.instance().removeAllMapLayers()
 
 
+#: Raster grids by CRS: (EPSG code, origin x, origin y, pixel size). The geographic one is
+#: about 0.5 m per pixel at 37 N, 15 E, the central meridian of UTM 33N.
+GRIDS = {UTM: (32633, ORIGIN[0], ORIGIN[1], PIXEL), "EPSG:4326": (4326, 15.0, 37.0, 5e-6)}
+
+
+def _grid(layer: QgsRasterLayer) -> tuple[float, float, float]:
+    """(x0, y0, pixel size) of a north-up raster layer."""
+    extent = layer.extent()
+    return extent.xMinimum(), extent.yMaximum(), layer.rasterUnitsPerPixelX()
+
+
 @pytest.fixture
-def raster(tmp_path) -> QgsRasterLayer:
+def raster(tmp_path, request) -> QgsRasterLayer:
+    """A 360 x 300 RGB GeoTIFF in UTM 33N, or in the CRS a test passes as its param."""
     from osgeo import gdal, osr
 
+    epsg, x0, y0, pixel = GRIDS[getattr(request, "param", UTM)]
     rng = np.random.default_rng(0)
     data = (rng.random((3, 300, 360)) * 60).astype(np.uint8)
     data[:, 80:160, 120:220] = np.array([230, 220, 40], np.uint8)[:, None, None]
     path = tmp_path / "scene.tif"
     ds = gdal.GetDriverByName("GTiff").Create(str(path), 360, 300, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform((ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL))
+    ds.SetGeoTransform((x0, pixel, 0.0, y0, 0.0, -pixel))
     srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
+    srs.ImportFromEPSG(epsg)
     ds.SetProjection(srs.ExportToWkt())
     for band in range(3):
         ds.GetRasterBand(band + 1).WriteArray(data[band])
@@ -100,7 +114,8 @@ def _set_canvas(canvas, raster_layer, crs: str, rotation: float = 0.0) -> None:
 def _click(plugin, canvas, raster_layer, col: float, row: float, button=Qt.MouseButton.LeftButton,
            modifiers=Qt.KeyboardModifier.NoModifier) -> QgsPointXY:
     """Click the canvas where raster pixel (col, row) is; returns that point in raster CRS."""
-    target = QgsPointXY(ORIGIN[0] + col * PIXEL, ORIGIN[1] - row * PIXEL)
+    x0, y0, pixel = _grid(raster_layer)
+    target = QgsPointXY(x0 + col * pixel, y0 - row * pixel)
     to_canvas = QgsCoordinateTransform(raster_layer.crs(), canvas.mapSettings().destinationCrs(),
                                        QgsProject.instance())
     device = canvas.getCoordinateTransform().transform(to_canvas.transform(target))
@@ -156,11 +171,12 @@ def test_plugin_loads_and_unloads_cleanly(qgis_iface, backend):
     assert len(canvas.scene().items()) == items_before
 
 
-@pytest.mark.parametrize("canvas_crs, target_crs, rotation", [
-    ("EPSG:3857", "EPSG:3857", 0.0),   # raster in UTM, project in Web Mercator
-    ("EPSG:3857", "EPSG:4326", 0.0),   # ... and a geographic target layer
-    (UTM, UTM, 30.0),                  # a rotated map canvas
-])
+@pytest.mark.parametrize("raster, canvas_crs, target_crs, rotation", [
+    (UTM, "EPSG:3857", "EPSG:3857", 0.0),      # raster in UTM, project in Web Mercator
+    (UTM, "EPSG:3857", "EPSG:4326", 0.0),      # ... and a geographic target layer
+    ("EPSG:4326", UTM, UTM, 0.0),              # raster in EPSG:4326, project in UTM
+    (UTM, UTM, UTM, 30.0),                     # a rotated map canvas
+], indirect=["raster"])
 def test_accepted_polygons_land_on_the_raster_grid(plugin, raster, qgis_iface, qtbot, tmp_path,
                                                    backend, canvas_crs, target_crs, rotation):
     from qgis_plugin.unigeoseg_protocol import Prompt
@@ -175,13 +191,18 @@ def test_accepted_polygons_land_on_the_raster_grid(plugin, raster, qgis_iface, q
     clicked = _click(plugin, canvas, raster, 170.5, 120.5)
     qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
     session = plugin.controller.session
-    # The click reached the backend within one canvas pixel of the intended raster pixel.
+    # The click reached the backend within one canvas pixel of the intended raster pixel
+    # (device pixels are integers), measured in raster units.
+    raster_crs = raster.crs().authid()
+    to_raster = QgsCoordinateTransform(canvas.mapSettings().destinationCrs(), raster.crs(),
+                                       QgsProject.instance())
+    one = canvas.getCoordinateTransform().toMapCoordinates(100, 100)
+    two = canvas.getCoordinateTransform().toMapCoordinates(101, 101)
+    canvas_pixel = to_raster.transform(one).distance(to_raster.transform(two))
     x, y = session.points[0]
-    canvas_pixel_m = canvas.mapUnitsPerPixel() * (
-        1.0 if canvas_crs == UTM else 1 / math.cos(math.radians(37.0)))
-    assert math.hypot(x - clicked.x(), y - clicked.y()) <= 1.5 * canvas_pixel_m
+    assert math.hypot(x - clicked.x(), y - clicked.y()) <= 1.5 * canvas_pixel
     image_id, prompt = session.image_id, Prompt.from_wire(session.prompt_wire())
-    assert session.window.crs == UTM  # a file raster is read on its own grid
+    assert session.window.crs == raster_crs  # a file raster is read on its own grid
 
     _key(plugin, Qt.Key.Key_Return)
     assert target.featureCount() >= 1
@@ -190,19 +211,21 @@ def test_accepted_polygons_land_on_the_raster_grid(plugin, raster, qgis_iface, q
     assert feature["task"] == "interactive" and feature["source_layer"] == "scene"
 
     # Back in the raster CRS every vertex sits on the raster's pixel grid ...
-    vertices = _vertices_in(target, UTM)
-    cols = (vertices[:, 0] - ORIGIN[0]) / PIXEL
-    rows = (ORIGIN[1] - vertices[:, 1]) / PIXEL
-    np.testing.assert_allclose(cols, np.round(cols), atol=1e-5)
-    np.testing.assert_allclose(rows, np.round(rows), atol=1e-5)
+    vertices = _vertices_in(target, raster_crs)
+    x0, y0, pixel = _grid(raster)
+    cols = (vertices[:, 0] - x0) / pixel
+    rows = (y0 - vertices[:, 1]) / pixel
+    np.testing.assert_allclose(cols, np.round(cols), atol=1e-4)
+    np.testing.assert_allclose(rows, np.round(rows), atol=1e-4)
     # ... and the polygons are the backend's own answer for the same tile and prompt.
     with Client(backend.address) as client:
         direct = client.segment(Prompt(points=prompt.points, labels=prompt.labels),
                                 image_id=image_id).header["result"]["features"]
     direct_vertices = np.array([xy for f in direct["features"]
                                 for ring in f["geometry"]["coordinates"] for xy in ring])
-    assert {tuple(np.round(v, 4)) for v in vertices} == \
-        {tuple(np.round(v, 4)) for v in direct_vertices}
+    decimals = int(round(-math.log10(pixel))) + 4  # a 10-4 pixel tolerance
+    assert {tuple(np.round(v, decimals)) for v in vertices} == \
+        {tuple(np.round(v, decimals)) for v in direct_vertices}
 
 
 def test_later_clicks_reuse_the_tile_and_undo_works(plugin, raster, qgis_iface, qtbot, tmp_path,
@@ -366,3 +389,20 @@ def test_online_layers_are_rendered_at_canvas_resolution(plugin, qgis_iface, qtb
     rows = (window.y0 - vertices[:, 1]) / window.pixel_size
     np.testing.assert_allclose(cols, np.round(cols), atol=1e-6)
     np.testing.assert_allclose(rows, np.round(rows), atol=1e-6)
+
+
+def test_missing_pyzmq_is_offered_as_a_one_click_install(qgis_iface, monkeypatch):
+    import qgis_plugin
+    from qgis_plugin import deps
+
+    monkeypatch.setattr(deps, "missing_dependencies", lambda: ["pyzmq"])
+    instance = qgis_plugin.classFactory(qgis_iface)
+    instance.initGui()
+    try:
+        assert instance.show_panel() is False
+        assert instance.connection is None and instance.dock is None
+        item = qgis_iface.messageBar().currentItem()
+        assert item is not None and "pyzmq" in item.text()
+        assert [b.text() for b in item.findChildren(QPushButton)] == ["Install"]
+    finally:
+        instance.unload()
