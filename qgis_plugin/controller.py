@@ -133,6 +133,10 @@ class SegmentationController(QObject):
                 last.layer.triggerRepaint()
                 self.message("removed the last accepted polygon(s)", Qgis.MessageLevel.Info)
 
+    def can_undo(self) -> bool:
+        """Whether Ctrl+Z has a point, a box or an accepted result of ours to take back."""
+        return not self.session.is_empty or bool(self._accepted)
+
     def clear(self) -> None:
         self.session.next_object()
         self._refresh_overlays()

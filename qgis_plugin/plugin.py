@@ -159,6 +159,7 @@ class UniGeoSegPlugin:
         tool.acceptRequested.connect(controller.accept)
         tool.clearRequested.connect(controller.clear)
         tool.undoRequested.connect(controller.undo)
+        tool.undo_available = controller.can_undo
         dock.acceptRequested.connect(controller.accept)
         dock.clearRequested.connect(controller.clear)
         dock.undoRequested.connect(controller.undo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qgis.core import QgsPointXY, QgsRectangle, QgsWkbTypes
 from qgis.gui import QgsMapCanvas, QgsMapMouseEvent, QgsMapTool, QgsRubberBand
-from qgis.PyQt.QtCore import QRect, Qt, pyqtSignal
+from qgis.PyQt.QtCore import QEvent, QObject, QRect, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QKeyEvent
 
 DRAG_THRESHOLD_PX = 6  # a press that moves less than this is a click, not a box
@@ -26,6 +26,9 @@ class PromptMapTool(QgsMapTool):
 
     def __init__(self, canvas: QgsMapCanvas):
         super().__init__(canvas)
+        #: Set by the plugin: whether Ctrl+Z has something of ours to undo. Only then does
+        #: the tool take Ctrl+Z from QGIS's own Undo action (edit-mode undo stays QGIS's).
+        self.undo_available = lambda: False
         self._press_pos = None
         self._press_map = None
         self._dragging = False
@@ -76,9 +79,32 @@ class PromptMapTool(QgsMapTool):
             return
         event.accept()
 
+    def activate(self) -> None:
+        super().activate()
+        self.canvas().installEventFilter(self)
+
     def deactivate(self) -> None:
+        self.canvas().removeEventFilter(self)
         self._box_band.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
         super().deactivate()
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        """Claim our keys before QGIS's application shortcuts see them.
+
+        Qt offers a key to shortcuts first (ShortcutOverride); accepting that event turns it
+        into a key press for the canvas, hence for :meth:`keyPressEvent`.
+        """
+        if event.type() == QEvent.Type.ShortcutOverride and self._claims(event):
+            event.accept()
+            return True
+        return False
+
+    def _claims(self, event: QKeyEvent) -> bool:
+        key, modifiers = event.key(), event.modifiers()
+        if key in (Qt.Key.Key_Return, Qt.Key.Key_Enter, Qt.Key.Key_Escape):
+            return True
+        return (key == Qt.Key.Key_Z and modifiers == Qt.KeyboardModifier.ControlModifier
+                and self.undo_available())
 
     def remove_rubber_bands(self) -> None:
         self.canvas().scene().removeItem(self._box_band)

@@ -406,3 +406,25 @@ def test_missing_pyzmq_is_offered_as_a_one_click_install(qgis_iface, monkeypatch
         assert [b.text() for b in item.findChildren(QPushButton)] == ["Install"]
     finally:
         instance.unload()
+
+
+def test_ctrl_z_is_taken_from_qgis_only_when_there_is_something_of_ours_to_undo(
+        plugin, raster, qgis_iface, qtbot):
+    from qgis.PyQt.QtWidgets import QApplication
+
+    canvas = qgis_iface.mapCanvas()
+    _set_canvas(canvas, raster, UTM)
+    plugin.dock.source_combo.setLayer(raster)
+
+    def claimed(key, modifiers) -> bool:
+        event = QKeyEvent(QEvent.Type.ShortcutOverride, key, modifiers)
+        event.ignore()
+        QApplication.sendEvent(canvas, event)
+        return event.isAccepted()
+
+    ctrl = Qt.KeyboardModifier.ControlModifier
+    assert not claimed(Qt.Key.Key_Z, ctrl)          # nothing to undo: QGIS's Undo runs
+    assert not claimed(Qt.Key.Key_S, Qt.KeyboardModifier.NoModifier)  # snapping stays QGIS's
+    assert claimed(Qt.Key.Key_Return, Qt.KeyboardModifier.NoModifier)
+    _click(plugin, canvas, raster, 170.5, 120.5)
+    assert claimed(Qt.Key.Key_Z, ctrl)              # a point to take back: ours
