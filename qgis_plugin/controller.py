@@ -138,6 +138,11 @@ class SegmentationController(QObject):
         return not self.session.is_empty or bool(self._accepted)
 
     def clear(self) -> None:
+        """Esc: forget the current object's prompts, and cancel its request if one is out."""
+        if self._in_flight is not None:
+            request_id, self._in_flight = self._in_flight, None
+            self.connection.cancel(request_id)
+        self._resend = False
         self.session.next_object()
         self._refresh_overlays()
 
@@ -281,15 +286,22 @@ class SegmentationController(QObject):
             return
         self._resend = False
         self._set_busy(True)
+        object_key = self.session.object_key
         self._in_flight = self.connection.request(
             "segment", {"image_id": self.session.image_id, "prompt": self.session.prompt_wire(),
                         "options": self._options()},
             timeout_s=self.settings.request_timeout_s,
-            on_reply=self._on_segment_reply, on_error=self._on_segment_error)
+            on_reply=lambda message: self._on_segment_reply(message, object_key),
+            on_error=self._on_segment_error)
 
-    def _on_segment_reply(self, message) -> None:
+    def _on_segment_reply(self, message, object_key: str) -> None:
         self._in_flight = None
         self._set_busy(False)
+        if object_key != self.session.object_key:
+            # The prompts changed meanwhile (undo, accept, clear): this answer is stale.
+            if self._resend and not self.session.is_empty:
+                self._segment()
+            return
         self.session.result = message.header["result"]["features"]
         for feature in self.session.result["features"]:
             feature["properties"]["source_layer"] = self.source_layer.name()
