@@ -69,3 +69,4 @@ def test_bad_inputs_are_refused():
         Letterbox.for_tile(0, 10)
     with pytest.raises(ValueError):
         logits_to_tile(torch.zeros(1, 512, 512), Letterbox.for_tile(10, 10))
+

@@ -186,12 +186,14 @@ class WindowAttention(nn.Module):
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         else:
-            # (B*nW) ... -> B nW ...: the same nW x N x N mask applies to every image
+            # The same nW x N x N mask applies to every image: fold windows into the head axis,
+            # (B*nW) heads N d -> B (nW*heads) N d, so a 1 x (nW*heads) x N x N bias broadcasts.
             nw = mask.shape[0]
-            q, k, v = (t.view(bw // nw, nw, *t.shape[1:]) for t in (q, k, v))
+            q, k, v = (t.reshape(bw // nw, nw * self.num_heads, n, -1) for t in (q, k, v))
             attn_bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)  # nW heads N N
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
-            out = out.flatten(0, 1)
+            attn_bias = attn_bias.reshape(1, nw * self.num_heads, n, n).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+            out = out.reshape(bw, self.num_heads, n, -1)
         # (B*nW) heads N head_dim -> (B*nW) N C
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
