@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from unigeoseg_backend.model.connector import (
     MultiScaleCompressionConnector,
     build_connector,
 )
+from unigeoseg_backend.model.manifest import manifest_tensors
 from unigeoseg_backend.model.swin import (
     MASK_FILL,
     DropPath,
@@ -26,32 +24,15 @@ from unigeoseg_backend.model.swin import (
     window_partition,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-MANIFESTS = {
-    "SparseConv_1": "unigeoseg_official_state_dict.sparseconv1.json",
-    "MSCC": "unigeoseg_official_state_dict.mscc.json",
-}
+VARIANTS = ("SparseConv_1", "MSCC")
 TINY = SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
 
 
-def _reference_dir() -> Path | None:
-    """Where the state-dict manifests of the released checkpoint live, if available."""
-    candidates = [REPO / "shared" / "reference", REPO.parent / "shared" / "reference"]
-    if "UNIGEOSEG_REFERENCE_DIR" in os.environ:
-        candidates.insert(0, Path(os.environ["UNIGEOSEG_REFERENCE_DIR"]))
-    return next((d for d in candidates if (d / MANIFESTS["MSCC"]).is_file()), None)
-
-
-def _manifest(kind: str, prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{name without ``prefix``: (shape, dtype)} of the manifest's tensors under ``prefix``."""
-    ref = _reference_dir()
-    if ref is None:
-        pytest.skip("checkpoint manifests not found (set UNIGEOSEG_REFERENCE_DIR)")
-    tensors = json.loads((ref / MANIFESTS[kind]).read_text())["tensors"]
+def _manifest(variant: str, prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name without ``prefix``: (shape, dtype)} of the released checkpoint's tensors."""
     return {
-        name[len(prefix) :]: (tuple(shape), dtype)
-        for name, shape, dtype, _kind in tensors
-        if name.startswith(prefix)
+        name[len(prefix) :]: (shape, dtype)
+        for name, (shape, dtype, _kind) in manifest_tensors(variant, prefix).items()
     }
 
 
@@ -65,7 +46,7 @@ def _layout(module: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
 # --- (a) state dict layout equals the released checkpoint's -----------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_swin_b_state_dict_matches_checkpoint(kind):
     expected = _manifest(kind, "model.vision_tower.")
     with torch.device("meta"):
@@ -77,7 +58,7 @@ def test_swin_b_state_dict_matches_checkpoint(kind):
     assert len(buffers) == 24
 
 
-@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_connector_state_dict_matches_checkpoint(kind):
     expected = _manifest(kind, "model.mm_projector.")
     with torch.device("meta"):

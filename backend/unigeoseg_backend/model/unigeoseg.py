@@ -1,0 +1,243 @@
+"""UniGeoSeg assembled: Swin-B + connector + Phi-1.5 + TATE/LKM/SEG heads + Mask2Former.
+
+The module tree reproduces the released checkpoint's names exactly (``model.vision_tower``,
+``model.mm_projector``, ``model.layers``, ``lm_head``, ``pixel_decoder``, ``predictor`` and
+the heads at the top level), so a converted state dict loads with ``strict=True``.
+
+Inference is split in two, so that several prompts on one tile run the image side once (the
+official code runs Swin twice per forward):
+
+* :meth:`UniGeoSeg.encode_images`: Swin features, visual tokens and pixel-decoder features of
+  B letterboxed tiles (everything that depends on the image only);
+* :meth:`UniGeoSeg.segment`: one prompt per tile through Phi-1.5 and the mask decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .connector import CompressionConnector, MultiScaleCompressionConnector
+from .heads import HeadsConfig, UniGeoSegHeads
+from .language import (
+    build_language_model,
+    convert_phi_state_dict,
+    extract_language_state,
+    phi_config_from_official,
+)
+from .mask_decoder import MaskDecoderConfig, SingleQueryMaskDecoder
+from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderConfig
+from .prompting import (
+    ANSWER_TOKEN_INDEX,
+    IMAGE_TOKEN_INDEX,
+    REFER_TOKEN_INDEX,
+    SEG_TOKEN_INDEX,
+    Prompt,
+)
+from .swin import SwinBackbone, SwinConfig
+
+#: Phi-1.5 as UniGeoSeg's checkpoint config.json describes it (vocabulary with [PAD], [SEG]).
+PHI_1_5 = {"vocab_size": 50297, "hidden_size": 2048, "intermediate_size": 8192,
+           "num_hidden_layers": 24, "num_attention_heads": 32, "hidden_act": "gelu_new",
+           "max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "partial_rotary_factor": 0.5, "qk_layernorm": False, "tie_word_embeddings": False,
+           "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+           "initializer_range": 0.02}
+
+
+@dataclass(frozen=True)
+class UniGeoSegConfig:
+    """Every shape of the model. The defaults are the released model's."""
+
+    language: dict = field(default_factory=lambda: dict(PHI_1_5))
+    connector: str = "SparseConv_1"          # the checkpoint's mm_projector_type
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    image_size: int = 512                    # letterbox side
+
+    def __post_init__(self) -> None:
+        if self.connector not in ("SparseConv_1", "MSCC"):
+            raise ValueError(f"unknown connector {self.connector!r} (SparseConv_1 or MSCC)")
+        res5 = self.swin.num_features[-1]
+        if self.pixel_decoder.in_channels != tuple(self.swin.num_features):
+            raise ValueError("pixel_decoder.in_channels must equal the Swin stage widths")
+        if self.heads.hidden != self.language["hidden_size"] or self.heads.vision_dim != res5:
+            raise ValueError("heads.hidden / vision_dim must match the LM width and res5")
+        if self.heads.seg_dim != self.mask_decoder.hidden_dim:
+            raise ValueError("heads.seg_dim must equal mask_decoder.hidden_dim")
+
+
+@dataclass
+class VisionFeatures:
+    """The image side of B tiles, computed once and reused for every prompt.
+
+    Attributes:
+        res5: B x C5 x S/32 x S/32 Swin features (the SEG projector attends to them).
+        visual_tokens: B x N x d tokens for the language model (N = 64 for SparseConv_1).
+        mask_features: B x mask_dim x S/4 x S/4 from the pixel decoder.
+        multi_scale: 3 maps, B x hidden x S/32, S/16, S/8, for the masked attention.
+    """
+
+    res5: Tensor
+    visual_tokens: Tensor
+    mask_features: Tensor
+    multi_scale: list[Tensor]
+
+    def select(self, index: int) -> VisionFeatures:
+        """The features of tile ``index`` alone (batch of 1)."""
+        one = slice(index, index + 1)
+        return VisionFeatures(self.res5[one], self.visual_tokens[one], self.mask_features[one],
+                              [level[one] for level in self.multi_scale])
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.res5, self.visual_tokens, self.mask_features, *self.multi_scale]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class UniGeoSeg(nn.Module):
+    """The full model; see the module docstring for the two-step inference."""
+
+    def __init__(self, config: UniGeoSegConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or UniGeoSegConfig()
+        language = build_language_model(phi_config_from_official(config.language))
+        self.model = language.model  # embed_tokens, layers, final_layernorm (+ rotary buffers)
+        self.model.vision_tower = SwinBackbone(config.swin)
+        res5, hidden = config.swin.num_features[-1], config.language["hidden_size"]
+        if config.connector == "SparseConv_1":
+            self.model.mm_projector = CompressionConnector(
+                res5, hidden, grid_size=config.image_size // 32)
+        else:
+            self.model.mm_projector = MultiScaleCompressionConnector(res5, hidden)
+        self.lm_head = language.lm_head
+        self.pixel_decoder = MSDeformAttnPixelDecoder(config.pixel_decoder)
+        self.predictor = SingleQueryMaskDecoder(config.mask_decoder)
+        heads = UniGeoSegHeads(config.heads)
+        # The checkpoint keeps the heads at the top level: register the container's children
+        # and parameters here, and keep the container (unregistered) for its methods, which
+        # use these very module and parameter objects.
+        for name, child in heads.named_children():
+            self.add_module(name, child)
+        for name, parameter in heads.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        object.__setattr__(self, "heads", heads)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ------------------------------------------------------------------ image side
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> VisionFeatures:
+        """B x 3 x S x S letterboxed, normalised tiles -> :class:`VisionFeatures`."""
+        size = self.config.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise ValueError(f"expected B x 3 x {size} x {size} images, got {tuple(images.shape)}")
+        images = images.to(device=self.device, dtype=self.dtype)
+        features = self.model.vision_tower(images)
+        visual_tokens = self.model.mm_projector(features["res5"])
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return VisionFeatures(features["res5"], visual_tokens, mask_features, list(multi_scale))
+
+    # ------------------------------------------------------------------ prompt side
+
+    @torch.no_grad()
+    def segment(self, vision: VisionFeatures, prompts: list[Prompt]) -> Tensor:
+        """One prompt per tile -> final mask logits, B x 1 x S/4 x S/4 (threshold at 0)."""
+        if len(prompts) != vision.res5.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {vision.res5.shape[0]} tiles")
+        embeds, spans = zip(*(self._embed_prompt(p, vision.visual_tokens[i])
+                              for i, p in enumerate(prompts)), strict=True)
+        hidden = self._run_language_model(list(embeds))
+        refer_states = [hidden[i, start:stop] for i, (start, stop) in enumerate(spans)]
+        # One SEG query per tile with its own task's LKM weight. (The official code applies the
+        # first sample's weight to the whole batch; its eval batches are task-homogeneous.)
+        queries = torch.cat([
+            self.heads.build_seg_query([refer_states[i]], [prompts[i].task.value],
+                                       vision.res5[i:i + 1])
+            for i in range(len(prompts))])
+        predictions = self.predictor(vision.multi_scale, vision.mask_features, queries)
+        return predictions[-1]
+
+    def _embed_prompt(self, prompt: Prompt,
+                      visual_tokens: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Input embeddings of one prompt, and the span of its ``<refer>`` tokens.
+
+        Follows the official ``concat_image_seg_embeds``: ``<image>`` becomes the visual
+        tokens, the text chunk right after it goes through TATE, ``<refer>`` becomes the
+        instruction tokens plus ``[SEG]``, ``<seg>`` is dropped. The sequence stops after
+        ``<refer>``: the language model is causal, so later tokens cannot change the states
+        the SEG query is read from.
+        """
+        embed = self.model.embed_tokens
+        device = self.device
+        pieces: list[Tensor] = []
+        length = 0
+        after_image = False
+        for chunk in _chunks(prompt.input_ids):
+            if chunk == [IMAGE_TOKEN_INDEX]:
+                piece = visual_tokens
+                after_image = True
+            elif chunk == [REFER_TOKEN_INDEX]:
+                refer = embed(torch.tensor(prompt.refer_ids, device=device))
+                pieces.append(refer)
+                return torch.cat(pieces), (length, length + refer.shape[0])
+            elif chunk in ([SEG_TOKEN_INDEX], [ANSWER_TOKEN_INDEX]):
+                after_image = False
+                continue
+            else:
+                piece = embed(torch.tensor(chunk, device=device))
+                if after_image:
+                    coords = prompt.intera_coords
+                    piece = self.heads.enhance_template(
+                        piece, prompt.task.value,
+                        None if coords is None else coords.to(device=device, dtype=piece.dtype))
+                    after_image = False
+            pieces.append(piece)
+            length += piece.shape[0]
+        raise ValueError("the prompt has no <refer> placeholder")
+
+    def _run_language_model(self, embeds: list[Tensor]) -> Tensor:
+        """Right-padded batch through Phi -> last hidden states (after the final norm)."""
+        longest = max(e.shape[0] for e in embeds)
+        batch = embeds[0].new_zeros(len(embeds), longest, embeds[0].shape[1])
+        attention = torch.zeros(len(embeds), longest, dtype=torch.long, device=self.device)
+        for i, e in enumerate(embeds):
+            batch[i, :e.shape[0]] = e
+            attention[i, :e.shape[0]] = 1
+        return self.model(inputs_embeds=batch, attention_mask=attention).last_hidden_state
+
+
+def convert_released_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
+    """A released checkpoint's state dict in this model's names: the language model's
+    transformers-4.36 fused attention is split; every other name is already ours."""
+    language = extract_language_state(state)
+    rest = {key: value for key, value in state.items() if key not in language}
+    return {**rest, **convert_phi_state_dict(language, num_heads=num_heads)}
+
+
+def _chunks(input_ids: list[int]) -> list[list[int]]:
+    """Runs of ordinary token ids, with each placeholder (negative id) a chunk of its own."""
+    chunks: list[list[int]] = []
+    run: list[int] = []
+    for token in input_ids:
+        if token >= 0:
+            run.append(token)
+            continue
+        if run:
+            chunks.append(run)
+            run = []
+        chunks.append([token])
+    if run:
+        chunks.append(run)
+    return chunks
