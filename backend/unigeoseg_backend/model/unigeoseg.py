@@ -14,6 +14,7 @@ official code runs Swin twice per forward):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -152,13 +153,20 @@ class UniGeoSeg(nn.Module):
     # ------------------------------------------------------------------ prompt side
 
     @torch.no_grad()
-    def segment(self, vision: VisionFeatures, prompts: list[Prompt]) -> Tensor:
-        """One prompt per tile -> final mask logits, B x 1 x S/4 x S/4 (threshold at 0)."""
+    def segment(self, vision: VisionFeatures, prompts: list[Prompt],
+                timings: dict[str, float] | None = None) -> Tensor:
+        """One prompt per tile -> final mask logits, B x 1 x S/4 x S/4 (threshold at 0).
+
+        With ``timings``, the seconds spent in the language model and in the mask decoder
+        (SEG query + masked-attention decoder) are added to it (device-synchronised).
+        """
         if len(prompts) != vision.res5.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {vision.res5.shape[0]} tiles")
+        clock = _StageClock(self.device, timings)
         embeds, spans = zip(*(self._embed_prompt(p, vision.visual_tokens[i])
                               for i, p in enumerate(prompts)), strict=True)
         hidden = self._run_language_model(list(embeds))
+        clock.lap("language_s")
         refer_states = [hidden[i, start:stop] for i, (start, stop) in enumerate(spans)]
         # One SEG query per tile with its own task's LKM weight. (The official code applies the
         # first sample's weight to the whole batch; its eval batches are task-homogeneous.)
@@ -167,6 +175,7 @@ class UniGeoSeg(nn.Module):
                                        vision.res5[i:i + 1])
             for i in range(len(prompts))])
         predictions = self.predictor(vision.multi_scale, vision.mask_features, queries)
+        clock.lap("decoder_s")
         return predictions[-1]
 
     def _embed_prompt(self, prompt: Prompt,
@@ -216,6 +225,26 @@ class UniGeoSeg(nn.Module):
             batch[i, :e.shape[0]] = e
             attention[i, :e.shape[0]] = 1
         return self.model(inputs_embeds=batch, attention_mask=attention).last_hidden_state
+
+
+class _StageClock:
+    """Adds device-synchronised stage durations to a dict (a no-op without one)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
+        self.device, self.timings = device, timings
+        self.last = self._now() if timings is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        now = self._now()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def convert_released_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
