@@ -62,17 +62,23 @@ class CancelToken:
 
 
 class Engine(Protocol):
-    """What the segmenter needs from an engine (see engines/sam.py)."""
+    """What the segmenter needs from an engine (see engines/sam.py, engines/unigeoseg_engine.py).
+
+    Every engine has ``name``, ``tasks`` (the prompt tasks it answers), ``model_id`` and
+    ``encode`` (the image side, cached per tile). A point/box engine (SAM) decodes with
+    ``predict(embedding, points_px, labels, box_px, mask_input, multimask)``; an engine that
+    reads the whole prompt (UniGeoSeg: text, task) has
+    ``predict_prompt(embedding, prompt, points_px, labels, box_px)`` instead. Either returns an
+    object with ``mask`` (H x W bool), ``score`` (float) and ``low_res_logits`` (a tensor).
+    """
 
     name: str
+    tasks: tuple[str, ...]
 
     @property
     def model_id(self) -> str: ...
 
     def encode(self, rgb: np.ndarray) -> Any: ...
-
-    def predict(self, embedding: Any, points_px: np.ndarray | None, labels: np.ndarray | None,
-                box_px: np.ndarray | None, mask_input: Any, multimask: bool) -> Any: ...
 
 
 @dataclass
@@ -115,9 +121,11 @@ class EngineRegistry:
     """Engines by name, created on first use (weights load once per process)."""
 
     def __init__(self, factories: dict[str, Callable[[], Engine]],
-                 unavailable: dict[str, str] | None = None):
+                 unavailable: dict[str, str] | None = None,
+                 tasks: dict[str, tuple[str, ...]] | None = None):
         self._factories = dict(factories)
         self._unavailable = dict(unavailable or {})
+        self._tasks = dict(tasks or {})  # what engines not created yet will answer
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
@@ -129,6 +137,13 @@ class EngineRegistry:
 
     def loaded(self) -> dict[str, str]:
         return {name: engine.model_id for name, engine in self._engines.items()}
+
+    def tasks(self, name: str) -> list[str]:
+        """The prompt tasks engine ``name`` answers (asked of the engine once it exists)."""
+        engine = self._engines.get(name)
+        if engine is not None:
+            return list(getattr(engine, "tasks", ()))
+        return list(self._tasks.get(name, ()))
 
     def get(self, name: str) -> Engine:
         with self._lock:
@@ -228,6 +243,11 @@ class Segmenter:
                 f"SAM answers point and box prompts only; a {prompt.task} prompt needs the "
                 f"unigeoseg engine", {"engine": engine_name, "task": prompt.task})
         engine = self.engines.get(engine_name)
+        tasks = getattr(engine, "tasks", ("interactive",))
+        if prompt.task not in tasks:
+            raise EngineUnavailableError(
+                f"the {engine.name} engine answers {', '.join(tasks)} prompts, not {prompt.task}",
+                {"engine": engine.name, "task": prompt.task})
         output_crs = parse_crs(options.output_crs) if options.output_crs else record.grid.crs
         points_px, labels, box_px = self._prompt_to_pixels(record.grid, prompt)
 
@@ -238,13 +258,18 @@ class Segmenter:
             cancel.check()
 
         tick = time.perf_counter()
-        object_key = (record.image_id, engine.model_id, prompt.object_key)
-        mask_input = self._object_masks.get(object_key) if prompt.object_key else None
-        prediction = engine.predict(embedding, points_px, labels, box_px, mask_input,
-                                    options.multimask)
-        if prompt.object_key:
-            logits = prediction.low_res_logits
-            self._object_masks.put(object_key, logits, logits.numel() * logits.element_size())
+        if hasattr(engine, "predict_prompt"):
+            # The engine reads the prompt itself (text, task); it takes no mask feedback.
+            prediction = engine.predict_prompt(embedding, prompt, points_px, labels, box_px)
+        else:
+            object_key = (record.image_id, engine.model_id, prompt.object_key)
+            mask_input = self._object_masks.get(object_key) if prompt.object_key else None
+            prediction = engine.predict(embedding, points_px, labels, box_px, mask_input,
+                                        options.multimask)
+            if prompt.object_key:
+                logits = prediction.low_res_logits
+                self._object_masks.put(object_key, logits,
+                                        logits.numel() * logits.element_size())
         mask = prediction.mask & record.valid
         timings["decode_ms"] = (time.perf_counter() - tick) * 1000
         if cancel is not None:

@@ -95,11 +95,15 @@ class Prompt:
     labels: tuple[int, ...] = ()
     box: tuple[float, float, float, float] | None = None
     text: str | None = None
-    task: str = "interactive"
+    task: str | None = None  # None: interactive with points / a box, referring with text
     crs: str | None = None
     object_key: str | None = None
 
     def __post_init__(self) -> None:
+        if self.task is None:
+            geometric = bool(self.points) or self.box is not None
+            object.__setattr__(self, "task",
+                               "interactive" if geometric and not self.text else "referring")
         if self.points and not self.labels:  # points without labels are foreground clicks
             object.__setattr__(self, "labels", (1,) * len(self.points))
         if len(self.labels) != len(self.points):

@@ -172,3 +172,9 @@ def test_a_header_over_the_cap_is_payload_too_large():
     with pytest.raises(ProtocolError) as info:
         decode_message(frames, max_bytes=1000)
     assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+
+
+def test_prompts_built_in_python_default_their_task_like_wire_prompts():
+    assert Prompt(text="the pond").task == "referring"
+    assert Prompt(points=((1.0, 2.0),)).task == "interactive"
+    assert Prompt(text="the pond", task="reasoning").task == "reasoning"

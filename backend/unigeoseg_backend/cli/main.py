@@ -41,6 +41,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint file (.pth)")
     serve.add_argument("--sam-type", choices=["vit_b", "vit_l", "vit_h", "tiny"],
                        help="SAM architecture of the checkpoint (default vit_b)")
+    serve.add_argument("--model", metavar="PATH_OR_NAME",
+                       help="UniGeoSeg model for text prompts (engine unigeoseg): a released-"
+                            "layout directory, or a name under <weights cache>/models/; loaded "
+                            "at startup on the same device (bfloat16 on CUDA, float32 on CPU)")
     serve.add_argument("--max-message-mb", type=float, help="cap on one request's size")
     serve.add_argument("--queue-size", type=int, help="requests allowed to wait")
     serve.add_argument("--request-timeout", type=float, help="default per-request timeout (s)")
@@ -59,16 +63,18 @@ def run_serve(args: argparse.Namespace) -> int:
     max_bytes = int(args.max_message_mb * 1024 * 1024) if args.max_message_mb else None
     config = config.with_overrides(
         address=args.address, device=args.device, sam_checkpoint=args.sam_checkpoint,
-        sam_type=args.sam_type, max_message_bytes=max_bytes, queue_size=args.queue_size,
-        request_timeout_s=args.request_timeout, log_level=args.log_level)
+        sam_type=args.sam_type, model=args.model, max_message_bytes=max_bytes,
+        queue_size=args.queue_size, request_timeout_s=args.request_timeout,
+        log_level=args.log_level)
     configure_logging(config.log_level)
     device = select_device(config.device)
-    engines = build_engines(config.sam_checkpoint, config.sam_type, device)
+    engines = build_engines(config.sam_checkpoint, config.sam_type, device, config.model)
     for name, reason in engines.reasons_unavailable().items():
         logger.warning("engine %s unavailable: %s", name, reason, extra={"engine": name})
     for name in engines.available():
         engines.get(name)  # load weights now: a bad checkpoint fails here, not on first click
-        logger.info("engine %s loaded", name, extra={"engine": name})
+        logger.info("engine %s loaded", name,
+                    extra={"engine": name, "model": engines.loaded().get(name)})
     # The model's objects live as long as the process: take them out of the cyclic garbage
     # collector's walks, which otherwise add tens of ms to a click that allocates many lists.
     gc.collect()

@@ -1,7 +1,11 @@
-"""``unigeoseg predict``: segment a raster with points and a box, write a GeoPackage.
+"""``unigeoseg predict``: segment a raster with points, a box or a text prompt, write a GeoPackage.
 
 Runs the same Segmenter as the service, in this process, or sends the tile to a running
 service with ``--server`` (so a warm GPU model is reused).
+
+Points and boxes go to SAM. ``--text`` goes to UniGeoSeg (``--model``) on one window: the
+window around ``--point`` / ``--box`` when given (they then only place the window), else the
+raster's centre. Whole-raster tiling with merged seams is a later step.
 """
 
 from __future__ import annotations
@@ -44,19 +48,34 @@ def _box(text: str) -> tuple[float, float, float, float]:
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment a raster from points / a box into a GeoPackage")
+    p = sub.add_parser(
+        "predict", help="segment a raster from points / a box / a text prompt into a GeoPackage",
+        description="Segment one window of a raster and write the polygons (raster CRS). Points "
+                    "and a box go to SAM. With --text, UniGeoSeg segments the window around "
+                    "--point / --box (which then only place the window), or the raster's centre "
+                    "window; whole-raster tiling with seam merging is not done yet (later step).")
     p.add_argument("raster", type=Path, help="GeoTIFF (or any GDAL raster)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .gpkg or .geojson")
     p.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]",
                    help="a prompt point in map coordinates; LABEL 1 (default) or 0; repeatable")
     p.add_argument("--box", type=_box, metavar="XMIN,YMIN,XMAX,YMAX", help="a prompt box")
     p.add_argument("--prompt-crs", help="CRS of --point / --box (default: the raster CRS)")
+    p.add_argument("--text", help="instruction for UniGeoSeg, e.g. 'the warehouse with the blue "
+                                  "roof'; segments one window (see --window), not the whole "
+                                  "raster: tiling with seam merging is a later step")
+    p.add_argument("--task", choices=["referring", "reasoning"], default="referring",
+                   help="task of --text (default referring)")
+    p.add_argument("--model", metavar="PATH_OR_NAME",
+                   help="UniGeoSeg model for --text: a released-layout directory or a name "
+                        "under <weights cache>/models/ (with --server, the service's is used)")
     p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint (default: weights cache)")
     p.add_argument("--sam-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
     p.add_argument("--device", default="auto")
     p.add_argument("--server", help="send the work to a running service at this address")
     p.add_argument("--bands", help="1-based bands to use as R,G,B (or one grey band)")
-    p.add_argument("--window", type=int, default=1024, help="tile side read around the prompt")
+    p.add_argument("--window", type=int, default=None,
+                   help="tile side in px read around the prompt (default 1024), or, with "
+                        "--text, around the points / box or at the raster's centre (default 512)")
     p.add_argument("--simplify", type=float, default=0.0, help="tolerance in map units")
     p.add_argument("--min-area", type=float, default=0.0, help="in square map units")
     p.add_argument("--single-mask", action="store_true", help="skip SAM's multimask choice")
@@ -67,19 +86,29 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from ..geo.crs import parse_crs
     from ..geo.grid import TileGrid
-    from ..geo.raster_io import prompt_window, read_tile
+    from ..geo.raster_io import centre_window, prompt_window, read_tile
     from ..geo.vector_io import write_vector
 
-    if not args.point and args.box is None:
-        raise InvalidInputError("give at least one --point or a --box")
+    text = args.text.strip() if args.text else None
+    if args.text is not None and not text:
+        raise InvalidInputError("--text is empty")
+    if text is None and not args.point and args.box is None:
+        raise InvalidInputError("give at least one --point or a --box (or --text)")
     if args.output.exists() and not args.overwrite:
         raise InvalidInputError(f"{args.output} exists; pass --overwrite to replace it")
+    window_px = args.window or (512 if text else 1024)
     bands = [int(b) for b in args.bands.split(",")] if args.bands else None
-    prompt = Prompt(points=tuple((x, y) for x, y, _ in args.point),
-                    labels=tuple(label for _, _, label in args.point),
-                    box=args.box, task="interactive", crs=args.prompt_crs)
-    options = SegmentOptions(engine="sam", multimask=not args.single_mask,
-                             simplify=args.simplify, min_area=args.min_area)
+    points = tuple((x, y) for x, y, _ in args.point)
+    if text:
+        # UniGeoSeg reads the text; points and a box only choose the window.
+        prompt = Prompt(text=text, task=args.task)
+        options = SegmentOptions(engine="unigeoseg", simplify=args.simplify,
+                                 min_area=args.min_area)
+    else:
+        prompt = Prompt(points=points, labels=tuple(label for _, _, label in args.point),
+                        box=args.box, task="interactive", crs=args.prompt_crs)
+        options = SegmentOptions(engine="sam", multimask=not args.single_mask,
+                                 simplify=args.simplify, min_area=args.min_area)
 
     with rasterio.open(args.raster) as dataset:
         if dataset.crs is None:
@@ -88,12 +117,15 @@ def run_predict(args: argparse.Namespace) -> int:
         full = TileGrid(crs=raster_crs, transform=dataset.transform, width=dataset.width,
                         height=dataset.height)
         src_crs = parse_crs(args.prompt_crs) if args.prompt_crs else None
-        points_px = full.map_to_pixel(np.asarray(prompt.points, dtype=np.float64).reshape(-1, 2),
-                                      src_crs) if prompt.points else None
+        points_px = full.map_to_pixel(np.asarray(points, dtype=np.float64).reshape(-1, 2),
+                                      src_crs) if points else None
         if points_px is not None:
             full.check_inside(points_px)
-        box_px = full.box_to_pixel(prompt.box, src_crs) if prompt.box else None
-        window = prompt_window(dataset, points_px, box_px, args.window)
+        box_px = full.box_to_pixel(args.box, src_crs) if args.box else None
+        if points_px is None and box_px is None:
+            window = centre_window(dataset, window_px)
+        else:
+            window = prompt_window(dataset, points_px, box_px, window_px)
         tile = read_tile(dataset, window, bands)
 
     if args.server:
@@ -111,7 +143,8 @@ def _segment_local(args: argparse.Namespace, tile, prompt: Prompt, options: Segm
     from ..runtime import build_engines, select_device
     from ..segmenter import Segmenter
 
-    engines = build_engines(args.sam_checkpoint, args.sam_type, select_device(args.device))
+    engines = build_engines(args.sam_checkpoint, args.sam_type, select_device(args.device),
+                            args.model if prompt.text else None)
     segmenter = Segmenter(engines)
     record = segmenter.add_image(tile.pixels, tile.georeference, tile.raster)
     result = segmenter.segment(record, prompt, options)

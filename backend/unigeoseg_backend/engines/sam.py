@@ -167,6 +167,7 @@ class SamEngine:
     """Encode a tile once, then answer any number of point / box prompts on it."""
 
     name = "sam"
+    tasks = ("interactive",)
 
     def __init__(self, model: torch.nn.Module, sam_type: str, device: torch.device):
         from segment_anything.utils.transforms import ResizeLongestSide

@@ -86,6 +86,14 @@ def prompt_window(dataset: rasterio.DatasetReader, points_px: np.ndarray | None,
     return Window(col_off, row_off, width, height)
 
 
+def centre_window(dataset: rasterio.DatasetReader, window_px: int = 512) -> Window:
+    """The ``window_px`` square at the raster's centre (the whole raster when it is smaller)."""
+    if window_px < 1:
+        raise InvalidInputError(f"the window must be at least 1 px, got {window_px}")
+    width, height = min(window_px, dataset.width), min(window_px, dataset.height)
+    return Window((dataset.width - width) // 2, (dataset.height - height) // 2, width, height)
+
+
 def read_tile(dataset: rasterio.DatasetReader, window: Window, bands: list[int] | None = None,
               max_side_px: int = 4096) -> RasterTile:
     """Read ``window`` (at most ``max_side_px`` on its longer side, decimating by an integer).

@@ -24,6 +24,7 @@ class ServiceConfig:
     device: str = "auto"                      # auto | cpu | cuda | cuda:N
     sam_checkpoint: Path | None = None
     sam_type: str = "vit_b"
+    model: str | None = None                  # UniGeoSeg model directory or cached name
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     queue_size: int = 16                      # requests waiting for the worker
     request_timeout_s: float = 120.0          # used when a request names no timeout

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 #: ``extra=`` keys copied into the JSON line when present.
 CONTEXT_KEYS = ("request_id", "op", "client", "code", "elapsed_ms", "engine", "image_id",
-                "queue", "address")
+                "queue", "address", "model")
 
 
 class JsonFormatter(logging.Formatter):

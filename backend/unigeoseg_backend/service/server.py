@@ -294,11 +294,11 @@ class Service:
             [client, *encode_message(error_header(request_id, str(code), message, details))])
 
     def _hello(self) -> dict[str, Any]:
-        engines = {name: {"available": True, "loaded": name in self.segmenter.engines.loaded(),
-                          "model": self.segmenter.engines.loaded().get(name),
-                          "tasks": ["interactive"] if name == "sam" else
-                          ["referring", "reasoning", "interactive"]}
-                   for name in self.segmenter.engines.available()}
+        registry = self.segmenter.engines
+        loaded = registry.loaded()
+        engines = {name: {"available": True, "loaded": name in loaded, "model": loaded.get(name),
+                          "tasks": registry.tasks(name)}
+                   for name in registry.available()}
         for name, reason in self.segmenter.engines.reasons_unavailable().items():
             engines.setdefault(name, {"available": False, "reason": reason})
         return {"protocol_version": PROTOCOL_VERSION, "backend_version": __version__,
