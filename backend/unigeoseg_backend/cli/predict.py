@@ -5,7 +5,7 @@ service with ``--server`` (so a warm GPU model is reused).
 
 Points and boxes go to SAM. ``--text`` goes to UniGeoSeg (``--model``) on one window: the
 window around ``--point`` / ``--box`` when given (they then only place the window), else the
-raster's centre. Whole-raster tiling with merged seams is a later step.
+raster's centre. ``--text --whole-raster`` tiles the whole raster (cli/predict_raster.py).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
         description="Segment one window of a raster and write the polygons (raster CRS). Points "
                     "and a box go to SAM. With --text, UniGeoSeg segments the window around "
                     "--point / --box (which then only place the window), or the raster's centre "
-                    "window; whole-raster tiling with seam merging is not done yet (later step).")
+                    "window; --whole-raster segments the whole raster in overlapping tiles with "
+                    "seams merged.")
     p.add_argument("raster", type=Path, help="GeoTIFF (or any GDAL raster)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .gpkg or .geojson")
     p.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y[,LABEL]",
@@ -61,8 +62,8 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--box", type=_box, metavar="XMIN,YMIN,XMAX,YMAX", help="a prompt box")
     p.add_argument("--prompt-crs", help="CRS of --point / --box (default: the raster CRS)")
     p.add_argument("--text", help="instruction for UniGeoSeg, e.g. 'the warehouse with the blue "
-                                  "roof'; segments one window (see --window), not the whole "
-                                  "raster: tiling with seam merging is a later step")
+                                  "roof'; one window (see --window), or the whole raster with "
+                                  "--whole-raster")
     p.add_argument("--task", choices=["referring", "reasoning"], default="referring",
                    help="task of --text (default referring)")
     p.add_argument("--model", metavar="PATH_OR_NAME",
@@ -80,10 +81,17 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-area", type=float, default=0.0, help="in square map units")
     p.add_argument("--single-mask", action="store_true", help="skip SAM's multimask choice")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    from .predict_raster import add_whole_raster_arguments
+
+    add_whole_raster_arguments(p)  # --whole-raster and its tiling options
     p.set_defaults(func=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    if getattr(args, "whole_raster", False):
+        from .predict_raster import run_predict_raster
+
+        return run_predict_raster(args)
     from ..geo.crs import parse_crs
     from ..geo.grid import TileGrid
     from ..geo.raster_io import centre_window, prompt_window, read_tile

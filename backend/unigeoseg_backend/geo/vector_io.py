@@ -158,7 +158,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_layer(path: Path, driver: str, layer: str, geoms: Sequence[shapely.Geometry],
+def write_layer(path: Path, driver: str, layer: str, geoms: Sequence[shapely.Geometry],
                  properties: Any, crs: CRS, append: bool) -> None:
     """Write (or append) one layer with pyogrio; the CRS is passed as exact text (pyogrio's
     DataFrame writer would round it to an EPSG code that matches at only 70% confidence)."""
@@ -170,7 +170,7 @@ def _write_layer(path: Path, driver: str, layer: str, geoms: Sequence[shapely.Ge
                       layer_options=_GEOJSON_OPTIONS if driver == "GeoJSON" else None)
 
 
-def _check_written_crs(path: Path, layer: str, crs: CRS) -> None:
+def check_written_crs(path: Path, layer: str, crs: CRS) -> None:
     """Read back the CRS GDAL recorded and refuse a file that would mislabel its coordinates
     (GeoJSON, for one, silently drops a CRS that has no authority code)."""
     written = pyogrio.read_info(str(path), layer=layer).get("crs")
@@ -180,7 +180,7 @@ def _check_written_crs(path: Path, layer: str, crs: CRS) -> None:
                        details={"crs": crs_to_text(crs)})
 
 
-def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
+def commit_file(tmp: Path, path: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` onto ``path`` atomically."""
     _fsync(tmp)
     if overwrite:
@@ -250,9 +250,9 @@ def write_vector(path: str | os.PathLike, geoms: Sequence[shapely.Geometry],
             raise VectorFileExistsError(f"{path} exists; pass overwrite=True to replace it",
                                         details={"path": str(path)})
         with _Staging(path) as tmp:
-            _write_layer(tmp, driver, layer, geoms, properties, crs, append=False)
-            _check_written_crs(tmp, layer, crs)
-            _commit(tmp, path, overwrite)
+            write_layer(tmp, driver, layer, geoms, properties, crs, append=False)
+            check_written_crs(tmp, layer, crs)
+            commit_file(tmp, path, overwrite)
     logger.info("wrote %d feature(s) to %s (layer %s)", len(geoms), path, layer)
     return path
 
@@ -301,9 +301,9 @@ def append_vector(path: str | os.PathLike, geoms: Sequence[shapely.Geometry],
     with _path_lock(path):
         if not path.exists():
             with _Staging(path) as tmp:
-                _write_layer(tmp, "GPKG", layer, geoms, properties, crs, append=False)
-                _check_written_crs(tmp, layer, crs)
-                _commit(tmp, path, overwrite=True)
+                write_layer(tmp, "GPKG", layer, geoms, properties, crs, append=False)
+                check_written_crs(tmp, layer, crs)
+                commit_file(tmp, path, overwrite=True)
             return path
         with _Staging(path) as tmp:
             shutil.copy2(path, tmp)
@@ -321,8 +321,8 @@ def append_vector(path: str | os.PathLike, geoms: Sequence[shapely.Geometry],
                     crs = layer_crs
                 names, columns, _ = _fields(properties, len(geoms))
                 _add_missing_columns(tmp, layer, names, columns)
-            _write_layer(tmp, "GPKG", layer, geoms, properties, crs, append=True)
-            _check_written_crs(tmp, layer, crs)
-            _commit(tmp, path, overwrite=True)
+            write_layer(tmp, "GPKG", layer, geoms, properties, crs, append=True)
+            check_written_crs(tmp, layer, crs)
+            commit_file(tmp, path, overwrite=True)
     logger.info("appended %d feature(s) to %s (layer %s)", len(geoms), path, layer)
     return path
