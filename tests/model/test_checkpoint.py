@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -592,10 +593,26 @@ def _full_size_check(tmp_path: Path) -> None:
         index = model.model.vision_tower.layers[2].blocks[5].attn.relative_position_index
         assert index.dtype == torch.int64 and torch.equal(index, relative_position_index(12))
 
+        if variant == "SparseConv_1":
+            # ... and the loaded full-size model segments a tile end to end, through the same
+            # engine the service and the CLI run.
+            from unigeoseg_backend.engines.unigeoseg_engine import UniGeoSegEngine
+            from unigeoseg_protocol.params import Prompt
+
+            engine = UniGeoSegEngine(loaded, torch.device("cpu"))
+            tile = np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+            t2 = time.perf_counter()
+            prediction = engine.predict_prompt(engine.encode(tile), Prompt(text="the pond"),
+                                               None, None, None)
+            timings["segment_s"] = time.perf_counter() - t2
+            assert prediction.mask.shape == (300, 400) and prediction.mask.dtype == bool
+            del engine, prediction
+
         del model, attn, state, index, loaded, meta, released
         clear_cache()
         gc.collect()
 
+    print(f"full-size tile segmented in {timings['segment_s']:.1f} s")
     print(f"load SparseConv_1 {timings['SparseConv_1']:.1f} s, MSCC {timings['MSCC']:.1f} s; "
           f"peak RSS after SparseConv_1 {peaks['SparseConv_1']:.2f} GiB, after MSCC "
           f"{peaks['MSCC']:.2f} GiB; total {time.perf_counter() - t0:.1f} s")
