@@ -242,20 +242,31 @@ def test_a_request_past_its_deadline_gets_timeout(tiny_backend):
         assert c.hello()["protocol_version"] == 1
 
 
+def _send_burst(client: Client, seeds: range) -> list[str]:
+    """Send one 1024 px segment request per seed without waiting; returns their ids."""
+    params = {"georeference": UTM_TILE.to_wire(),
+              "prompt": Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)).to_wire()}
+    return [client.send("segment", params, {"pixels": _tile(1024, 1024, seed=seed)})
+            for seed in seeds]
+
+
+def _final_codes(client: Client, ids: list[str]) -> list[str]:
+    """"ok" or the error code of each request's final reply, in order."""
+    codes = []
+    for request_id in ids:
+        try:
+            client.receive(request_id, timeout_s=60)
+            codes.append("ok")
+        except RemoteError as exc:
+            codes.append(str(exc.code))
+    return codes
+
+
 def test_cancel_stops_a_queued_request(tiny_backend):
     with Client(tiny_backend.address, timeout_s=60) as c:
-        params = {"georeference": UTM_TILE.to_wire(),
-                  "prompt": Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)).to_wire()}
-        ids = [c.send("segment", params, {"pixels": _tile(1024, 1024, seed=20 + i)})
-               for i in range(6)]
+        ids = _send_burst(c, range(20, 26))
         cancelled = c.cancel(ids[-1])
-        codes = []
-        for request_id in ids:
-            try:
-                c.receive(request_id, timeout_s=60)
-                codes.append("ok")
-            except RemoteError as exc:
-                codes.append(str(exc.code))
+        codes = _final_codes(c, ids)
         # The first five were not cancelled; the last one was still waiting behind them.
         assert codes[:5] == ["ok"] * 5
         assert cancelled["cancelled"] is True and codes[5] == "cancelled"
@@ -266,17 +277,7 @@ def test_full_queue_is_refused_with_queue_full(backend_factory, tiny_sam_checkpo
     backend = backend_factory("--sam-type", "tiny", "--sam-checkpoint", str(tiny_sam_checkpoint),
                               "--queue-size", "1")
     with Client(backend.address, timeout_s=60) as c:
-        params = {"georeference": UTM_TILE.to_wire(),
-                  "prompt": Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)).to_wire()}
-        ids = [c.send("segment", params, {"pixels": _tile(1024, 1024, seed=40 + i)})
-               for i in range(12)]
-        codes = []
-        for request_id in ids:
-            try:
-                c.receive(request_id, timeout_s=60)
-                codes.append("ok")
-            except RemoteError as exc:
-                codes.append(str(exc.code))
+        codes = _final_codes(c, _send_burst(c, range(40, 52)))
         assert set(codes) <= {"ok", "queue_full"}
         assert codes[0] == "ok" and "queue_full" in codes
         assert c.segment(Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)),
