@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,15 @@ def find_sam_checkpoint(sam_checkpoint: Path | None, sam_type: str) -> tuple[Pat
     except WeightsError as exc:
         return None, (f"no SAM {sam_type} weights: {exc.message} Run `unigeoseg weights download "
                       f"sam_{sam_type}` or pass --sam-checkpoint PATH.")
+
+
+#: Environment variable naming the default UniGeoSeg model (a directory or a cached name).
+MODEL_ENV = "UNIGEOSEG_MODEL"
+
+
+def configured_model(explicit: str | Path | None) -> str | Path | None:
+    """The model to use: the one given, else ``$UNIGEOSEG_MODEL``, else None (no text engine)."""
+    return explicit or os.environ.get(MODEL_ENV) or None
 
 
 def resolve_model(model: str | Path) -> Path:

@@ -7,6 +7,7 @@ under test, so every test runs the very code a real model runs, only narrower.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -344,9 +345,9 @@ def geotiff(tmp_path):
     return path
 
 
-def _predict(*args: str) -> subprocess.CompletedProcess:
+def _predict(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "unigeoseg_backend.cli.main", "predict", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_predict_text_writes_a_geopackage_of_the_centre_window(geotiff, tmp_path,
@@ -390,8 +391,19 @@ def test_predict_reasoning_text_around_a_point(geotiff, tmp_path, tiny_model_dir
 
 
 def test_predict_text_without_a_model_says_how_to_give_one(geotiff, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "UNIGEOSEG_MODEL"}
     result = _predict(str(geotiff), "--text", TEXT, "--device", "cpu",
-                      "-o", str(tmp_path / "x.gpkg"))
+                      "-o", str(tmp_path / "x.gpkg"), env=env)
     assert result.returncode == 1
     assert "--model" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.gpkg").exists()
+
+
+def test_predict_text_uses_the_configured_default_model(geotiff, tmp_path, tiny_model_dir):
+    out = tmp_path / "default.gpkg"
+    env = {k: v for k, v in os.environ.items() if k != "UNIGEOSEG_MODEL"}
+    env["UNIGEOSEG_MODEL"] = str(tiny_model_dir)
+    result = _predict(str(geotiff), "--text", TEXT, "--device", "cpu", "-o", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    frame = pyogrio.read_dataframe(out)
+    assert (frame["prompt"] == TEXT).all()

@@ -44,7 +44,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", metavar="PATH_OR_NAME",
                        help="UniGeoSeg model for text prompts (engine unigeoseg): a released-"
                             "layout directory, or a name under <weights cache>/models/; loaded "
-                            "at startup on the same device (bfloat16 on CUDA, float32 on CPU)")
+                            "at startup on the same device (bfloat16 on CUDA, float32 on CPU); "
+                            "default: the config file's model, else $UNIGEOSEG_MODEL")
     serve.add_argument("--max-message-mb", type=float, help="cap on one request's size")
     serve.add_argument("--queue-size", type=int, help="requests allowed to wait")
     serve.add_argument("--request-timeout", type=float, help="default per-request timeout (s)")
@@ -53,7 +54,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..runtime import build_engines, device_info, select_device
+    from ..runtime import build_engines, configured_model, device_info, select_device
     from ..segmenter import Segmenter
     from ..service.config import ServiceConfig
     from ..service.logs import configure_logging
@@ -68,6 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level)
     configure_logging(config.log_level)
     device = select_device(config.device)
+    if config.model is None and configured_model(None) is not None:  # flags > TOML > env
+        config = config.with_overrides(model=configured_model(None))
     engines = build_engines(config.sam_checkpoint, config.sam_type, device, config.model)
     for name, reason in engines.reasons_unavailable().items():
         logger.warning("engine %s unavailable: %s", name, reason, extra={"engine": name})

@@ -68,7 +68,8 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="task of --text (default referring)")
     p.add_argument("--model", metavar="PATH_OR_NAME",
                    help="UniGeoSeg model for --text: a released-layout directory or a name "
-                        "under <weights cache>/models/ (with --server, the service's is used)")
+                        "under <weights cache>/models/ (default: $UNIGEOSEG_MODEL; with "
+                        "--server, the service's is used)")
     p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint (default: weights cache)")
     p.add_argument("--sam-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
     p.add_argument("--device", default="auto")
@@ -148,11 +149,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _segment_local(args: argparse.Namespace, tile, prompt: Prompt, options: SegmentOptions):
-    from ..runtime import build_engines, select_device
+    from ..runtime import build_engines, configured_model, select_device
     from ..segmenter import Segmenter
 
     engines = build_engines(args.sam_checkpoint, args.sam_type, select_device(args.device),
-                            args.model if prompt.text else None)
+                            configured_model(args.model) if prompt.text else None)
     segmenter = Segmenter(engines)
     record = segmenter.add_image(tile.pixels, tile.georeference, tile.raster)
     result = segmenter.segment(record, prompt, options)

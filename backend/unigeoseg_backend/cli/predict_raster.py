@@ -74,8 +74,11 @@ def run_predict_raster(args: argparse.Namespace) -> int:
         raise InvalidInputError("--whole-raster takes --text only (no --point / --box)")
     if args.server:
         raise InvalidInputError("--whole-raster runs in this process; drop --server")
-    if args.model is None:
-        raise InvalidInputError("--whole-raster needs --model (the UniGeoSeg model)")
+    from ..runtime import MODEL_ENV, configured_model
+
+    if configured_model(args.model) is None:
+        raise InvalidInputError(f"--whole-raster needs --model (the UniGeoSeg model) or "
+                                f"${MODEL_ENV}")
     output = Path(args.output)
     if output.suffix.lower() != ".gpkg":
         raise InvalidInputError(f"--whole-raster writes a GeoPackage: name the output *.gpkg, "
@@ -141,9 +144,10 @@ def run_predict_raster(args: argparse.Namespace) -> int:
 
 
 def _load_engine(args: argparse.Namespace):
-    from ..runtime import load_text_engine, resolve_model, select_device
+    from ..runtime import configured_model, load_text_engine, resolve_model, select_device
 
-    return load_text_engine(resolve_model(args.model), select_device(args.device))
+    return load_text_engine(resolve_model(configured_model(args.model)),
+                            select_device(args.device))
 
 
 def _segment_batch(dataset, batch, bands, engine, prompt):
