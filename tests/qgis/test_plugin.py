@@ -53,21 +53,14 @@ def _grid(layer: QgsRasterLayer) -> tuple[float, float, float]:
 @pytest.fixture
 def raster(tmp_path, request) -> QgsRasterLayer:
     """A 360 x 300 RGB GeoTIFF in UTM 33N, or in the CRS a test passes as its param."""
-    from osgeo import gdal, osr
+    from tests.qgis.test_processing import _write_geotiff
 
     epsg, x0, y0, pixel = GRIDS[getattr(request, "param", UTM)]
     rng = np.random.default_rng(0)
     data = (rng.random((3, 300, 360)) * 60).astype(np.uint8)
     data[:, 80:160, 120:220] = np.array([230, 220, 40], np.uint8)[:, None, None]
     path = tmp_path / "scene.tif"
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), 360, 300, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform((x0, pixel, 0.0, y0, 0.0, -pixel))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(epsg)
-    ds.SetProjection(srs.ExportToWkt())
-    for band in range(3):
-        ds.GetRasterBand(band + 1).WriteArray(data[band])
-    ds = None
+    _write_geotiff(path, data, epsg=epsg, geotransform=(x0, pixel, 0.0, y0, 0.0, -pixel))
     layer = QgsRasterLayer(str(path), "scene")
     assert layer.isValid()
     QgsProject.instance().addMapLayer(layer)

@@ -29,20 +29,14 @@ def test_the_protocol_package_imports_nothing_heavy():
     assert result.stdout.strip() == "[]"
 
 
-def _write_geotiff(path, crs_epsg=32633):
-    from osgeo import gdal, osr
+def _write_scene(path):
+    """240 x 200 RGB, UTM 33N, 0.5 m pixels, a bright rectangle on a dark background."""
+    from tests.qgis.test_processing import _write_geotiff
 
     rng = np.random.default_rng(0)
     data = (rng.random((3, 200, 240)) * 60).astype(np.uint8)
     data[:, 50:120, 80:170] = np.array([230, 220, 40], np.uint8)[:, None, None]
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), 240, 200, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform((500000.0, 0.5, 0.0, 4100000.0, 0.0, -0.5))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(crs_epsg)
-    ds.SetProjection(srs.ExportToWkt())
-    for band in range(3):
-        ds.GetRasterBand(band + 1).WriteArray(data[band])
-    ds = None
+    _write_geotiff(path, data, geotransform=(500000.0, 0.5, 0.0, 4100000.0, 0.0, -0.5))
 
 
 def _render(layer, width, height):
@@ -74,7 +68,7 @@ def test_a_qgis_rendered_tile_is_segmented_exactly_by_the_backend(qgis_app, tmp_
     from unigeoseg_protocol.client import Client
 
     path = tmp_path / "scene.tif"
-    _write_geotiff(path)
+    _write_scene(path)
     layer = QgsRasterLayer(str(path), "scene")
     assert layer.isValid()
     rgba, extent = _render(layer, 240, 200)  # native resolution: 0.5 m
