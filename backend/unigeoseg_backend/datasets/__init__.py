@@ -1,0 +1,1 @@
+"""Benchmark and local dataset readers, shared by the evaluator and the trainer."""
