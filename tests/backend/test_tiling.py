@@ -281,7 +281,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, utm_raster, tiny_model_dir, 
                                           error):
     from unigeoseg_backend.engines.unigeoseg_engine import UniGeoSegEngine
 
-    original = UniGeoSegEngine.predict_prompt
+    original = UniGeoSegEngine.segment_tiles
     calls = []
 
     def failing(self, *args, **kwargs):
@@ -290,7 +290,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, utm_raster, tiny_model_dir, 
             raise error("injected")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(UniGeoSegEngine, "predict_prompt", failing)
+    monkeypatch.setattr(UniGeoSegEngine, "segment_tiles", failing)
     out = tmp_path / "out.gpkg"
     if error is KeyboardInterrupt:
         assert _cli(utm_raster, tiny_model_dir, out, "--batch-size", "1") == 130
@@ -304,10 +304,10 @@ def test_interrupted_run_leaves_no_output(tmp_path, utm_raster, tiny_model_dir, 
     out.write_bytes(b"previous")
     calls.clear()
     if error is KeyboardInterrupt:
-        assert _cli(utm_raster, tiny_model_dir, out, "--overwrite") == 130
+        assert _cli(utm_raster, tiny_model_dir, out, "--overwrite", "--batch-size", "1") == 130
     else:
         with pytest.raises(RuntimeError):
-            _cli(utm_raster, tiny_model_dir, out, "--overwrite")
+            _cli(utm_raster, tiny_model_dir, out, "--overwrite", "--batch-size", "1")
     assert out.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [out]
 

@@ -96,6 +96,21 @@ def test_batched_prompts_equal_single_prompts(tiny):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_one_prompt_shared_by_a_batch_of_tiles_equals_each_tile_alone(tiny):
+    # A whole-raster run passes one Prompt object for every tile: its text is embedded once
+    # and the batch runs unpadded with one SEG-query call.
+    model, tokenizer = tiny
+    tiles = [letterbox_image(_tile(96 + 8 * i, 128), size=model.config.image_size)[0]
+             for i in range(3)]
+    vision = model.encode_images(torch.stack(tiles))
+    prompt = build_prompt("reasoning", "areas where people could swim", tokenizer)
+    batched = model.segment(vision, [prompt] * 3)
+    for i in range(3):
+        torch.testing.assert_close(batched[i:i + 1], model.segment(vision.select(i), [prompt]),
+                                   atol=1e-5, rtol=1e-5)
+    assert not torch.equal(batched[0], batched[2])
+
+
 def test_inconsistent_configs_and_inputs_are_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError):

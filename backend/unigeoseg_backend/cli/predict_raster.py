@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -115,11 +116,18 @@ def run_predict_raster(args: argparse.Namespace) -> int:
             left_in_row = {i: len(col_spans) for i in range(len(row_spans))}
             next_row = 0
             start = time.perf_counter()
-            with _progress(len(tiles), disabled=args.no_progress) as bar:
-                for b0 in range(0, len(tiles), args.batch_size):
-                    batch = tiles[b0:b0 + args.batch_size]
-                    for tile, (mask, score) in zip(batch, _segment_batch(
-                            dataset, batch, bands, engine, prompt), strict=True):
+            batches = [tiles[b0:b0 + args.batch_size]
+                       for b0 in range(0, len(tiles), args.batch_size)]
+            # One thread reads the next batch from disk while the device segments this one.
+            with _progress(len(tiles), disabled=args.no_progress) as bar, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
+                pending = reader.submit(_read_batch, dataset, batches[0], bands)
+                for index, batch in enumerate(batches):
+                    pixels = pending.result()
+                    if index + 1 < len(batches):
+                        pending = reader.submit(_read_batch, dataset, batches[index + 1], bands)
+                    for tile, (mask, score) in zip(batch, _segment_batch(pixels, engine, prompt),
+                                                   strict=True):
                         core = tile.core
                         strip = strips.get(tile.row)
                         if strip is None:
@@ -150,19 +158,33 @@ def _load_engine(args: argparse.Namespace):
                             select_device(args.device))
 
 
-def _segment_batch(dataset, batch, bands, engine, prompt):
-    """(mask on the tile, score) of each tile of ``batch``: read, RGB, encode, prompt."""
+def _read_batch(dataset, batch, bands) -> list[tuple[np.ndarray | None, np.ndarray]]:
+    """(RGB uint8 or None, valid-pixel mask) of each tile of ``batch``; the RGB is None for a
+    tile with no valid pixel (its mask is then all False).
+
+    Runs on the reader thread, the only thread that touches ``dataset`` during the loop."""
     from ..geo.pixels import to_rgb8
     from ..geo.raster_io import read_tile
 
-    tiles = [read_tile(dataset, t.window, bands) for t in batch]
-    for tile in tiles:
+    out: list[tuple[np.ndarray | None, np.ndarray]] = []
+    for tile in batch:
+        pixels = read_tile(dataset, tile.window, bands).pixels
         try:
-            rgb, valid = to_rgb8(tile.pixels, RasterOptions())
+            out.append(to_rgb8(pixels, RasterOptions()))
         except NoValidPixelsError:
-            yield np.zeros(tile.pixels.shape[:2], bool), 0.0
+            out.append((None, np.zeros(pixels.shape[:2], bool)))
+    return out
+
+
+def _segment_batch(pixels, engine, prompt):
+    """(mask on the tile, score) of each tile: the tiles with valid pixels as one batch."""
+    predictions = iter(engine.segment_tiles([rgb for rgb, _ in pixels if rgb is not None],
+                                            prompt))
+    for rgb, valid in pixels:
+        if rgb is None:
+            yield valid, 0.0  # nodata only: nothing to segment
             continue
-        prediction = engine.predict_prompt(engine.encode(rgb), prompt)
+        prediction = next(predictions)
         yield prediction.mask & valid, float(prediction.score)
 
 

@@ -82,12 +82,13 @@ class UniGeoSegEngine:
         loaded: a ``model.checkpoint.LoadedModel`` (model, tokenizer, config, name, path);
             the model should already be in :func:`model_dtype` for ``device``.
         device: where to run; the model is moved there if it is elsewhere.
+        use_cuda_graphs: on CUDA, replay each stage as a CUDA graph captured per shape.
     """
 
     name = "unigeoseg"
     tasks = TASKS
 
-    def __init__(self, loaded: Any, device: torch.device | str):
+    def __init__(self, loaded: Any, device: torch.device | str, use_cuda_graphs: bool = True):
         self.loaded = loaded
         device = torch.device(device)
         self.model = loaded.model
@@ -96,6 +97,9 @@ class UniGeoSegEngine:
             self.model.to(device)
         self.model.eval()
         self.device = self.model.device
+        if self.device.type == "cuda" and use_cuda_graphs:
+            # One launch per stage instead of thousands of kernel launches (cuda_graphs.py).
+            self.model.enable_cuda_graphs()
         self.tokenizer = loaded.tokenizer
         self.image_size = int(self.model.config.image_size)
 
@@ -111,6 +115,39 @@ class UniGeoSegEngine:
         with torch.inference_mode():
             vision = self.model.encode_images(image[None].to(self.device))
         return UniGeoSegEmbedding(vision=vision, letterbox=box)
+
+    def segment_tiles(self, tiles: list[np.ndarray], prompt: Prompt
+                      ) -> list[UniGeoSegPrediction]:
+        """One text prompt on several H x W x 3 uint8 tiles, as one batch on the device.
+
+        For whole-raster runs: the tiles are letterboxed and encoded together, the prompt is
+        tokenised and embedded once, and the language model and decoder run on the batch.
+        """
+        if not tiles:
+            return []
+        if prompt.task not in ("referring", "reasoning") or not prompt.text:
+            raise InvalidInputError("batched tiles take a referring or reasoning text prompt")
+        boxes, images = [], []
+        for rgb in tiles:
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ValueError(f"tiles must be H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
+            image, box = letterbox_image(rgb, self.image_size)
+            images.append(image)
+            boxes.append(box)
+        tokenised = build_prompt(prompt.task, prompt.text, self.tokenizer)
+        with torch.inference_mode():
+            vision = self.model.encode_images(torch.stack(images).to(self.device,
+                                                                    non_blocking=True))
+            logits = self.model.segment(vision, [tokenised] * len(tiles))  # B 1 S/4 S/4
+            return [self._prediction(logits[i:i + 1], box) for i, box in enumerate(boxes)]
+
+    @staticmethod
+    def _prediction(logits: torch.Tensor, box: Letterbox) -> UniGeoSegPrediction:
+        """1 x 1 x S/4 x S/4 logits -> the mask on the tile grid and its mean confidence."""
+        tile_logits = logits_to_tile(logits[0, 0], box)  # H W float32
+        mask = tile_logits > 0
+        score = float(torch.sigmoid(tile_logits[mask]).mean()) if bool(mask.any()) else 0.0
+        return UniGeoSegPrediction(mask=mask.cpu().numpy(), score=score, low_res_logits=logits)
 
     def instruction(self, embedding: UniGeoSegEmbedding, prompt: Prompt,
                     points_px: np.ndarray | None, labels: np.ndarray | None,
@@ -174,7 +211,4 @@ class UniGeoSegEngine:
         tokenised = build_prompt(task, text, self.tokenizer)
         with torch.inference_mode():
             logits = self.model.segment(embedding.vision, [tokenised])  # 1 1 S/4 S/4
-            tile_logits = logits_to_tile(logits[0, 0], embedding.letterbox)  # H W float32
-            mask = tile_logits > 0
-            score = float(torch.sigmoid(tile_logits[mask]).mean()) if bool(mask.any()) else 0.0
-        return UniGeoSegPrediction(mask=mask.cpu().numpy(), score=score, low_res_logits=logits)
+            return self._prediction(logits, embedding.letterbox)

@@ -24,6 +24,7 @@ import functools
 import importlib
 import logging
 import math
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -42,6 +43,7 @@ def ms_deform_attn_core(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    shapes: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     """Weighted sum of bilinearly sampled values, per head, over levels and points.
 
@@ -54,6 +56,9 @@ def ms_deform_attn_core(
         sampling_locations: ``B x Q x M x L x P x 2``, ``(X, Y)`` in ``[0, 1]`` per level.
             Points outside read zeros (the same as zero padding around each level).
         attention_weights: ``B x Q x M x L x P``; normally softmax-normalised over ``L * P``.
+        shapes: ``spatial_shapes`` as Python ints, when the caller has them: reading them
+            back from a CUDA tensor synchronises with the device, which CUDA graph capture
+            forbids.
 
     Returns:
         ``B x Q x (M * D)``, heads concatenated along the last axis.
@@ -61,7 +66,8 @@ def ms_deform_attn_core(
     del level_start_index  # the split sizes follow from spatial_shapes
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if shapes is None:
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants [-1, 1]; with align_corners=False, -1 and 1 are the outer pixel edges,
     # which is exactly the [0, 1] frame above.
@@ -194,6 +200,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         input_padding_mask: Tensor | None = None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
         """Attend from each query to points around its reference point on every level.
 
@@ -204,6 +211,7 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: ``L x 2`` int64, ``(H_l, W_l)``.
             level_start_index: ``L`` int64, start of each level in S.
             input_padding_mask: optional ``B x S`` bool, True where the input is padding.
+            shapes: ``spatial_shapes`` as Python ints, if known (see :func:`ms_deform_attn_core`).
 
         Returns:
             ``B x Q x C``.
@@ -241,5 +249,5 @@ class MSDeformAttn(nn.Module):
                                            locations, weights)
         else:
             output = ms_deform_attn_core(value, spatial_shapes, level_start_index, locations,
-                                         weights)
+                                         weights, shapes)
         return self.output_proj(output)

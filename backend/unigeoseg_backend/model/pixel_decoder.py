@@ -89,6 +89,18 @@ def sine_position_embedding(x: Tensor, num_pos_feats: int, temperature: float = 
     return pos.permute(2, 0, 1)[None].expand(batch, -1, -1, -1).to(x.dtype)
 
 
+def _filled_long(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """An R x K int64 tensor of Python ints, written on the device element by element.
+
+    ``torch.as_tensor(rows, device=cuda)`` copies from host memory, which CUDA graph capture
+    forbids; assigning Python scalars launches fill kernels only."""
+    out = torch.zeros(len(rows), len(rows[0]), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            out[i, j] = value
+    return out
+
+
 def _c2_xavier_fill(conv: nn.Conv2d) -> None:
     # Detectron2's default conv init (what the Mask2Former weights were trained from).
     nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -115,10 +127,13 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
-        """``src``, ``pos``: B x S x C; ``reference_points``: B x S x L x 2. Returns B x S x C."""
+                spatial_shapes: Tensor, level_start_index: Tensor,
+                shapes: Sequence[tuple[int, int]]) -> Tensor:
+        """``src``, ``pos``: B x S x C; ``reference_points``: B x S x L x 2. Returns B x S x C.
+
+        ``shapes`` repeats ``spatial_shapes`` as Python ints (no device read-back)."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes,
-                                  level_start_index)
+                                  level_start_index, shapes=shapes)
         src = self.norm1(src + attended)
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
@@ -132,9 +147,10 @@ class MSDeformAttnEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
+                spatial_shapes: Tensor, level_start_index: Tensor,
+                shapes: Sequence[tuple[int, int]]) -> Tensor:
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, shapes)
         return src
 
 
@@ -191,14 +207,15 @@ class MSDeformAttnTransformer(nn.Module):
         src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], dim=1)
         pos_flat = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level]
                               for level, pos in enumerate(pos_embeds)], dim=1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
         sizes = [h * w for h, w in shapes]
-        level_start_index = torch.as_tensor([0, *sizes[:-1]], dtype=torch.long,
-                                            device=src_flat.device).cumsum(0)
+        spatial_shapes = _filled_long(shapes, src_flat.device)
+        level_start_index = _filled_long([[0], *([n] for n in sizes[:-1])],
+                                         src_flat.device)[:, 0].cumsum(0)
         reference = self.reference_points(shapes, len(srcs), src_flat.device)
         reference = reference.to(src_flat.dtype).expand(src_flat.shape[0], -1, -1, -1)
 
-        memory = self.encoder(src_flat, pos_flat, reference, spatial_shapes, level_start_index)
+        memory = self.encoder(src_flat, pos_flat, reference, spatial_shapes, level_start_index,
+                              shapes)
         # B x S x C -> per level B x C x H x W
         return [level.transpose(1, 2).reshape(level.shape[0], -1, h, w)
                 for level, (h, w) in zip(memory.split(sizes, dim=1), shapes, strict=True)]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .connector import CompressionConnector, MultiScaleCompressionConnector
+from .cuda_graphs import CudaGraphCache
 from .heads import HeadsConfig, UniGeoSegHeads
 from .language import (
     build_language_model,
@@ -136,6 +137,26 @@ class UniGeoSeg(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def enable_cuda_graphs(self, max_graphs: int = 16) -> None:
+        """Replay the image side, the language model and the mask decoder as CUDA graphs,
+        one captured per input shape (see ``cuda_graphs.py``). Needs the model on CUDA."""
+        self._graphs = CudaGraphCache(self.device, max_graphs)
+
+    def disable_cuda_graphs(self) -> None:
+        self._graphs = None
+
+    @property
+    def cuda_graphs(self) -> CudaGraphCache | None:
+        return getattr(self, "_graphs", None)
+
+    def _maybe_graphed(self, key: tuple, fn, inputs: list[Tensor]) -> tuple[Tensor, ...]:
+        graphs = self.cuda_graphs
+        if graphs is None or not inputs[0].is_cuda:
+            return tuple(fn(*inputs))
+        return graphs.run((*key, self.dtype), fn, inputs)
+
     # ------------------------------------------------------------------ image side
 
     @torch.no_grad()
@@ -145,10 +166,15 @@ class UniGeoSeg(nn.Module):
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
             raise ValueError(f"expected B x 3 x {size} x {size} images, got {tuple(images.shape)}")
         images = images.to(device=self.device, dtype=self.dtype)
+        res5, visual_tokens, mask_features, *multi_scale = self._maybe_graphed(
+            ("vision", images.shape[0]), self._encode_flat, [images])
+        return VisionFeatures(res5, visual_tokens, mask_features, multi_scale)
+
+    def _encode_flat(self, images: Tensor) -> tuple[Tensor, ...]:
         features = self.model.vision_tower(images)
         visual_tokens = self.model.mm_projector(features["res5"])
         mask_features, multi_scale = self.pixel_decoder(features)
-        return VisionFeatures(features["res5"], visual_tokens, mask_features, list(multi_scale))
+        return (features["res5"], visual_tokens, mask_features, *multi_scale)
 
     # ------------------------------------------------------------------ prompt side
 
@@ -157,30 +183,43 @@ class UniGeoSeg(nn.Module):
                 timings: dict[str, float] | None = None) -> Tensor:
         """One prompt per tile -> final mask logits, B x 1 x S/4 x S/4 (threshold at 0).
 
-        With ``timings``, the seconds spent in the language model and in the mask decoder
-        (SEG query + masked-attention decoder) are added to it (device-synchronised).
+        The same :class:`Prompt` object may be passed for every tile (a whole-raster run):
+        its text side is then embedded once. With ``timings``, the seconds spent in the
+        language model and in the mask decoder (SEG query + masked-attention decoder) are
+        added to it (device-synchronised).
         """
-        if len(prompts) != vision.res5.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {vision.res5.shape[0]} tiles")
+        batch = vision.res5.shape[0]
+        if len(prompts) != batch:
+            raise ValueError(f"{len(prompts)} prompts for {batch} tiles")
         clock = _StageClock(self.device, timings)
-        embeds, spans = zip(*(self._embed_prompt(p, vision.visual_tokens[i])
-                              for i, p in enumerate(prompts)), strict=True)
-        hidden = self._run_language_model(list(embeds))
+        texts = {id(p): self._embed_text(p) for p in prompts}  # each distinct prompt once
+        sequences = [texts[id(p)].with_image(vision.visual_tokens[i])
+                     for i, p in enumerate(prompts)]
+        hidden = self._run_language_model(sequences)
         clock.lap("language_s")
-        refer_states = [hidden[i, start:stop] for i, (start, stop) in enumerate(spans)]
-        # One SEG query per tile with its own task's LKM weight. (The official code applies the
-        # first sample's weight to the whole batch; its eval batches are task-homogeneous.)
-        queries = torch.cat([
-            self.heads.build_seg_query([refer_states[i]], [prompts[i].task.value],
-                                       vision.res5[i:i + 1])
-            for i in range(len(prompts))])
-        predictions = self.predictor(vision.multi_scale, vision.mask_features, queries)
+        refer_states = [hidden[i, texts[id(p)].refer_span(len(sequences[i]))]
+                        for i, p in enumerate(prompts)]
+        tasks = [p.task.value for p in prompts]
+        if len(set(tasks)) == 1:
+            queries = self.heads.build_seg_query(refer_states, tasks, vision.res5)
+        else:
+            # One SEG query per tile with its own task's LKM weight. (The official code applies
+            # the first sample's weight to the whole batch; its eval batches are one task.)
+            queries = torch.cat([self.heads.build_seg_query([refer_states[i]], [tasks[i]],
+                                                            vision.res5[i:i + 1])
+                                 for i in range(batch)])
+        (logits,) = self._maybe_graphed(
+            ("decoder", batch), self._decode_last,
+            [queries, vision.mask_features, *vision.multi_scale])
         clock.lap("decoder_s")
-        return predictions[-1]
+        return logits
 
-    def _embed_prompt(self, prompt: Prompt,
-                      visual_tokens: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Input embeddings of one prompt, and the span of its ``<refer>`` tokens.
+    def _decode_last(self, queries: Tensor, mask_features: Tensor,
+                     *multi_scale: Tensor) -> tuple[Tensor]:
+        return (self.predictor(list(multi_scale), mask_features, queries)[-1],)
+
+    def _embed_text(self, prompt: Prompt) -> _TextSide:
+        """The text side of one prompt's input embeddings, and its ``<refer>`` span.
 
         Follows the official ``concat_image_seg_embeds``: ``<image>`` becomes the visual
         tokens, the text chunk right after it goes through TATE, ``<refer>`` becomes the
@@ -190,41 +229,73 @@ class UniGeoSeg(nn.Module):
         """
         embed = self.model.embed_tokens
         device = self.device
-        pieces: list[Tensor] = []
-        length = 0
-        after_image = False
+        before: list[Tensor] = []   # pieces before <image>
+        after: list[Tensor] = []    # pieces after it
+        seen_image = enhance_next = False
         for chunk in _chunks(prompt.input_ids):
             if chunk == [IMAGE_TOKEN_INDEX]:
-                piece = visual_tokens
-                after_image = True
-            elif chunk == [REFER_TOKEN_INDEX]:
+                seen_image = enhance_next = True
+                continue
+            pieces = after if seen_image else before
+            if chunk == [REFER_TOKEN_INDEX]:
+                if not seen_image:
+                    raise ValueError("the prompt has no <image> before <refer>")
                 refer = embed(torch.tensor(prompt.refer_ids, device=device))
                 pieces.append(refer)
-                return torch.cat(pieces), (length, length + refer.shape[0])
-            elif chunk in ([SEG_TOKEN_INDEX], [ANSWER_TOKEN_INDEX]):
-                after_image = False
+                return _TextSide(before, after, refer.shape[0])
+            if chunk in ([SEG_TOKEN_INDEX], [ANSWER_TOKEN_INDEX]):
+                enhance_next = False
                 continue
-            else:
-                piece = embed(torch.tensor(chunk, device=device))
-                if after_image:
-                    coords = prompt.intera_coords
-                    piece = self.heads.enhance_template(
-                        piece, prompt.task.value,
-                        None if coords is None else coords.to(device=device, dtype=piece.dtype))
-                    after_image = False
+            piece = embed(torch.tensor(chunk, device=device))
+            if enhance_next:
+                coords = prompt.intera_coords
+                piece = self.heads.enhance_template(
+                    piece, prompt.task.value,
+                    None if coords is None else coords.to(device=device, dtype=piece.dtype))
+                enhance_next = False
             pieces.append(piece)
-            length += piece.shape[0]
         raise ValueError("the prompt has no <refer> placeholder")
 
     def _run_language_model(self, embeds: list[Tensor]) -> Tensor:
-        """Right-padded batch through Phi -> last hidden states (after the final norm)."""
+        """B sequences (L_i x d) through Phi -> last hidden states (after the final norm).
+
+        Equal lengths (one prompt for the whole batch) need no padding and no attention mask,
+        and run as a CUDA graph when enabled; otherwise the batch is right-padded.
+        """
+        if len({e.shape[0] for e in embeds}) == 1:
+            batch = torch.stack(embeds)
+            (hidden,) = self._maybe_graphed(("language", *batch.shape[:2]),
+                                            self._language_flat, [batch])
+            return hidden
         longest = max(e.shape[0] for e in embeds)
         batch = embeds[0].new_zeros(len(embeds), longest, embeds[0].shape[1])
         attention = torch.zeros(len(embeds), longest, dtype=torch.long, device=self.device)
         for i, e in enumerate(embeds):
             batch[i, :e.shape[0]] = e
             attention[i, :e.shape[0]] = 1
-        return self.model(inputs_embeds=batch, attention_mask=attention).last_hidden_state
+        return self.model(inputs_embeds=batch, attention_mask=attention,
+                          use_cache=False).last_hidden_state
+
+    def _language_flat(self, inputs_embeds: Tensor) -> tuple[Tensor]:
+        return (self.model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state,)
+
+
+@dataclass
+class _TextSide:
+    """One prompt's embedded text around the image: ``before + [visual tokens] + after``;
+    the last ``refer_length`` tokens of ``after`` are the ``<refer>`` span."""
+
+    before: list[Tensor]
+    after: list[Tensor]
+    refer_length: int
+
+    def with_image(self, visual_tokens: Tensor) -> Tensor:
+        """N x d visual tokens -> the whole input sequence, L x d."""
+        return torch.cat([*self.before, visual_tokens, *self.after])
+
+    def refer_span(self, sequence_length: int) -> slice:
+        """Where the ``<refer>`` states are in a sequence of ``sequence_length`` tokens."""
+        return slice(sequence_length - self.refer_length, sequence_length)
 
 
 class _StageClock:
