@@ -14,6 +14,7 @@ evaluator letterboxes it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,3 +85,75 @@ class DatasetListing:
     split: str
     samples: list[Sample]
     problems: list[SampleProblem] = field(default_factory=list)
+
+
+#: Names that mean a task: the Task values, the official ``prompt_type`` strings, and the
+#: task folder names of GeoSeg-Bench (``ref``, ``interactive``, ``reason`` and variants).
+TASK_NAMES: dict[str, Task] = {
+    "ref": Task.REFERRING, "referring": Task.REFERRING,
+    "intera": Task.INTERACTIVE, "interactive": Task.INTERACTIVE,
+    "reason": Task.REASONING, "reasoning": Task.REASONING,
+}
+
+
+def task_from_name(name: str) -> Task | None:
+    """The task an exact (case-insensitive) name in :data:`TASK_NAMES` means, else None.
+
+    Never a substring test: the official eval's ``'/intera/' in path`` misses the released
+    ``interactive/`` folder and routes its samples to the reasoning branch.
+    """
+    return TASK_NAMES.get(name.strip().lower())
+
+
+def parse_task(task: Task | str | None) -> Task | None:
+    """``task`` as a Task (None stays None); an unknown name raises DatasetError."""
+    if task is None or isinstance(task, Task):
+        return task
+    parsed = task_from_name(task) if isinstance(task, str) else None
+    if parsed is None:
+        raise DatasetError(f"unknown task {task!r}: use one of {', '.join(TASK_NAMES)}")
+    return parsed
+
+
+def read_question_record(path: Path, question_key: str,
+                         answer_key: str) -> tuple[str, str | None]:
+    """``(question, answer)`` of a per-sample JSON file holding lists of strings.
+
+    GeoSeg-Bench (``question``/``reason``) and EarthReason (``questions``/``answer``) keep one
+    JSON object per sample; the official eval uses index 0 of each list. An empty or absent
+    answer list gives None.
+
+    Raises:
+        SampleReadError: unreadable JSON, no non-empty ``question_key[0]`` string, or an
+            answer that is not a list (the message names the file).
+    """
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        question = record[question_key][0]
+        answers = record.get(answer_key) or []
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{question_key}[0] is not a non-empty string")
+        if not isinstance(answers, list):
+            raise ValueError(f"{answer_key} is not a list")
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise SampleReadError(f"unreadable sample JSON {path}: {exc}") from exc
+    answer = answers[0] if answers and isinstance(answers[0], str) and answers[0] else None
+    return question, answer
+
+
+def read_index_lines(path: Path, layout_hint: str) -> list[str]:
+    """The lines of a line-per-sample index file (RefSegRS phrases, local JSONL).
+
+    Newlines as Python's text mode reads them (``\\n``, ``\\r\\n``, ``\\r``), as the official
+    loaders' ``for line in f`` does; no other Unicode line breaks split a line.
+
+    Raises:
+        DatasetError: the file is missing (the message adds ``layout_hint``) or not UTF-8
+            (a leading BOM is dropped).
+    """
+    if not path.is_file():
+        raise DatasetError(f"missing {path} ({layout_hint})")
+    try:
+        return path.read_text(encoding="utf-8-sig").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from exc
