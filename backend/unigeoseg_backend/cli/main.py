@@ -26,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
     from ..weights import add_weights_parser
+    from .evaluate import add_eval_parser
     from .predict import add_predict_parser
 
     add_predict_parser(sub)
+    add_eval_parser(sub)
     add_weights_parser(sub)
     return parser
 
