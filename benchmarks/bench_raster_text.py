@@ -9,8 +9,8 @@ should stay flat as the raster grows: the CLI holds one tile row of mask cores, 
 tiles and the regions open across the last seam, and streams polygons to the GeoPackage.
 
     python benchmarks/bench_raster_text.py --sizes 2000,6000
-    python benchmarks/bench_raster_text.py --sizes 4000,20000 --device cuda \\
-        --model /path/to/released/model        # a real model on a GPU
+    python benchmarks/bench_raster_text.py --sizes 4000,8000 --device cuda \\
+        --random-model unigeoseg-official-sparseconv --batch-size 32   # full size on a GPU
 
 Prints one JSON line per size; never passes or fails on time.
 """
@@ -64,15 +64,21 @@ def write_raster(path: Path, size: int, seed: int = 0, nodata_grid: int = 0) -> 
             dst.write(band, window=Window(0, r0, size, h))
 
 
-def tiny_model(path: Path) -> Path:
+def random_model(path: Path, name: str, device: str) -> Path:
+    """A registry configuration with seeded random weights, saved in the released layout
+    (built on ``device``, in bfloat16 on CUDA as the engine runs it)."""
     import torch
 
     from unigeoseg_backend.model.checkpoint import save_released
     from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
     from unigeoseg_backend.model.unigeoseg import UniGeoSeg
+    from unigeoseg_backend.runtime import select_device
 
     torch.manual_seed(0)
-    model = UniGeoSeg(get_config("unigeoseg-tiny-sparseconv")).eval()
+    target = select_device(device)
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    with torch.device(target):
+        model = UniGeoSeg(get_config(name)).to(dtype=dtype).eval()
     save_released(model, tiny_tokenizer(), path)
     return path
 
@@ -97,7 +103,11 @@ def run_cli(raster: Path, model: Path, out: Path, args: argparse.Namespace) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2000,6000", help="raster sides in px")
-    parser.add_argument("--model", type=Path, help="a released-layout model (default: tiny)")
+    parser.add_argument("--model", type=Path,
+                        help="a released-layout model (default: --random-model's weights)")
+    parser.add_argument("--random-model", default="unigeoseg-tiny-sparseconv",
+                        help="registry configuration to save with random weights when no "
+                             "--model is given (unigeoseg-official-sparseconv: full size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tile", type=int, default=512)
@@ -112,7 +122,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        model = args.model or tiny_model(work / "unigeoseg-tiny-sparseconv")
+        model = args.model or random_model(work / args.random_model, args.random_model,
+                                           args.device)
         for size in (int(s) for s in args.sizes.split(",")):
             raster, out = work / f"scene_{size}.tif", work / f"scene_{size}.gpkg"
             tick = time.perf_counter()

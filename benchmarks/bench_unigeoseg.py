@@ -6,10 +6,9 @@ where the full-size model runs in bf16:
 
     python benchmarks/bench_unigeoseg.py --model unigeoseg-tiny-sparseconv          # CPU
     python benchmarks/bench_unigeoseg.py --model unigeoseg-official-sparseconv \\
-        --batch-sizes 1,16,32                                                        # GPU
+        --batch-sizes 1,16,32 --modes eager,graphs                                   # GPU
 
-Whole-raster throughput and memory (a 20000 x 20000 GeoTIFF) join when the tiled text CLI
-exists; see docs/performance.md.
+Whole-raster throughput and memory: ``benchmarks/bench_raster_text.py``.
 """
 
 from __future__ import annotations
@@ -74,6 +73,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", default="eager",
+                        help="eager and/or graphs (CUDA graphs per stage, CUDA only), e.g. "
+                             "eager,graphs")
     args = parser.parse_args()
 
     device = select_device(args.device)
@@ -81,7 +83,8 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     config = get_config(args.model)
-    model = UniGeoSeg(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # build on the device: a 1.6 B model initialises in seconds
+        model = UniGeoSeg(config).to(dtype=dtype).eval()
     build_s = time.perf_counter() - start
     tokenizer = tiny_tokenizer()
     if len(tokenizer) > config.language["vocab_size"]:
@@ -89,10 +92,19 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"model": args.model, "params": params, "dtype": str(dtype),
                       "build_s": round(build_s, 1), **device_info(device)}))
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        row = bench(model, tokenizer, batch, args.repeats)
-        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}),
-              flush=True)
+    for mode in args.modes.split(","):
+        if mode == "graphs":
+            model.enable_cuda_graphs()
+        elif mode == "eager":
+            model.disable_cuda_graphs()
+        else:
+            raise SystemExit(f"unknown mode {mode!r} (eager, graphs)")
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            row = {"mode": mode, **bench(model, tokenizer, batch, args.repeats)}
+            if device.type == "cuda":
+                row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                              for k, v in row.items()}), flush=True)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mb": round(peak_rss_mb)}))
 

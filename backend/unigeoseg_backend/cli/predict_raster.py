@@ -118,14 +118,13 @@ def run_predict_raster(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             batches = [tiles[b0:b0 + args.batch_size]
                        for b0 in range(0, len(tiles), args.batch_size)]
-            # One thread reads the next batch from disk while the device segments this one.
             with _progress(len(tiles), disabled=args.no_progress) as bar, \
-                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
-                pending = reader.submit(_read_batch, dataset, batches[0], bands)
+                    _BatchReader(dataset, bands, engine.device.type == "cuda") as reader:
+                reader.start(batches[0])
                 for index, batch in enumerate(batches):
-                    pixels = pending.result()
+                    pixels = reader.result()
                     if index + 1 < len(batches):
-                        pending = reader.submit(_read_batch, dataset, batches[index + 1], bands)
+                        reader.start(batches[index + 1])
                     for tile, (mask, score) in zip(batch, _segment_batch(pixels, engine, prompt),
                                                    strict=True):
                         core = tile.core
@@ -158,11 +157,40 @@ def _load_engine(args: argparse.Namespace):
                             select_device(args.device))
 
 
+class _BatchReader:
+    """Reads batches of tiles: on a thread that runs ahead by one batch when the model is on a
+    GPU (reading overlaps the device's work), inline on the CPU (where the model's threads
+    already use every core and a reader thread only contends with them).
+
+    The reader is the only user of ``dataset`` while it is open."""
+
+    def __init__(self, dataset, bands, prefetch: bool) -> None:
+        self.dataset, self.bands = dataset, bands
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="read") if prefetch else None
+        self.pending = None
+
+    def __enter__(self) -> _BatchReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def start(self, batch) -> None:
+        if self.pool is not None:
+            self.pending = self.pool.submit(_read_batch, self.dataset, batch, self.bands)
+        else:
+            self.pending = _read_batch(self.dataset, batch, self.bands)
+
+    def result(self) -> list[tuple[np.ndarray | None, np.ndarray]]:
+        return self.pending.result() if self.pool is not None else self.pending
+
+
 def _read_batch(dataset, batch, bands) -> list[tuple[np.ndarray | None, np.ndarray]]:
     """(RGB uint8 or None, valid-pixel mask) of each tile of ``batch``; the RGB is None for a
     tile with no valid pixel (its mask is then all False).
 
-    Runs on the reader thread, the only thread that touches ``dataset`` during the loop."""
+    Runs in :class:`_BatchReader`."""
     from ..geo.pixels import to_rgb8
     from ..geo.raster_io import read_tile
 

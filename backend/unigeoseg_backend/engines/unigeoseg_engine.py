@@ -26,7 +26,7 @@ import torch
 from unigeoseg_protocol.params import Prompt
 
 from ..errors import EmptyPromptError, InvalidInputError
-from ..model.preprocess import Letterbox, letterbox_image, logits_to_tile
+from ..model.preprocess import Letterbox, letterbox_image, letterbox_tensor, logits_to_tile
 from ..model.prompting import MAX_POINTS, build_prompt, interactive_instruction
 from ..model.unigeoseg import VisionFeatures
 
@@ -128,16 +128,18 @@ class UniGeoSegEngine:
         if prompt.task not in ("referring", "reasoning") or not prompt.text:
             raise InvalidInputError("batched tiles take a referring or reasoning text prompt")
         boxes, images = [], []
-        for rgb in tiles:
-            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-                raise ValueError(f"tiles must be H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
-            image, box = letterbox_image(rgb, self.image_size)
-            images.append(image)
-            boxes.append(box)
-        tokenised = build_prompt(prompt.task, prompt.text, self.tokenizer)
         with torch.inference_mode():
-            vision = self.model.encode_images(torch.stack(images).to(self.device,
-                                                                    non_blocking=True))
+            for rgb in tiles:
+                if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                    raise ValueError(f"tiles must be H x W x 3 uint8, got {rgb.shape} "
+                                     f"{rgb.dtype}")
+                # Bytes go to the device; the letterbox runs there.
+                pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
+                image, box = letterbox_tensor(pixels, self.image_size)
+                images.append(image)
+                boxes.append(box)
+            tokenised = build_prompt(prompt.task, prompt.text, self.tokenizer)
+            vision = self.model.encode_images(torch.stack(images))
             logits = self.model.segment(vision, [tokenised] * len(tiles))  # B 1 S/4 S/4
             return [self._prediction(logits[i:i + 1], box) for i, box in enumerate(boxes)]
 

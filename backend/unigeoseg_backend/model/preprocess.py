@@ -67,16 +67,26 @@ def letterbox_image(rgb: np.ndarray, size: int = INPUT_SIZE) -> tuple[torch.Tens
     """An ``H x W x 3`` uint8 RGB tile as the normalised ``3 x size x size`` model input."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected H x W x 3 uint8 RGB, got {rgb.shape} {rgb.dtype}")
+    return letterbox_tensor(torch.from_numpy(np.ascontiguousarray(rgb)), size)
+
+
+def letterbox_tensor(rgb: torch.Tensor, size: int = INPUT_SIZE) -> tuple[torch.Tensor, Letterbox]:
+    """:func:`letterbox_image` for an ``H x W x 3`` uint8 tensor, computed on its device
+    (a batch of tiles sent to the GPU as bytes is letterboxed there)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != torch.uint8:
+        raise ValueError(f"expected H x W x 3 uint8 RGB, got {tuple(rgb.shape)} {rgb.dtype}")
     box = Letterbox.for_tile(rgb.shape[0], rgb.shape[1], size)
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    # Bilinear with half-pixel centres and no antialiasing, like cv2.INTER_LINEAR; rounded
-    # back to 8 bits as cv2 returns uint8 for uint8 input.
-    resized = F.interpolate(image, size=(box.new_height, box.new_width), mode="bilinear",
-                            align_corners=False).round().clamp(0, 255)[0]
-    canvas = torch.zeros(3, size, size)
-    canvas[:, box.top:box.top + box.new_height, box.left:box.left + box.new_width] = resized
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    image = rgb.permute(2, 0, 1)[None].float()
+    if (box.new_height, box.new_width) != (box.height, box.width):
+        # Bilinear with half-pixel centres and no antialiasing, like cv2.INTER_LINEAR;
+        # rounded back to 8 bits as cv2 returns uint8 for uint8 input. (At the same size
+        # this is the identity, so it is skipped.)
+        image = F.interpolate(image, size=(box.new_height, box.new_width), mode="bilinear",
+                              align_corners=False).round().clamp(0, 255)
+    canvas = image.new_zeros(3, size, size)
+    canvas[:, box.top:box.top + box.new_height, box.left:box.left + box.new_width] = image[0]
+    mean = torch.tensor(PIXEL_MEAN, device=rgb.device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=rgb.device).view(3, 1, 1)
     return (canvas - mean) / std, box
 
 
