@@ -166,6 +166,10 @@ def test_resume_does_not_recompute_finished_samples(tmp_path, loaded, model_dir)
     # Nothing left to do: everything reused, same numbers.
     third = _run(_settings(tmp_path), listing, loaded, model_dir)
     assert third["run"]["computed_this_run"] == 0 and third["metrics"] == fresh["metrics"]
+    # A smaller --limit scores only its samples but keeps the other rows in the file.
+    small = _run(_settings(tmp_path, limit=2), listing, loaded, model_dir)
+    assert small["metrics"]["overall"]["count"] == 2
+    assert _csv(tmp_path / ROWS) == after
 
 
 def test_resume_after_an_interruption_ignores_a_torn_line(tmp_path, loaded, model_dir):
@@ -258,21 +262,34 @@ def test_command_needs_a_model(tmp_path, bench, monkeypatch, capsys):
     assert "no model to evaluate" in capsys.readouterr().err
 
 
-def test_command_on_a_geoseg_bench_tree(tmp_path, bench, model_dir, capsys):
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    from tests.dataset_trees import build_all
+
+    return build_all(tmp_path_factory.mktemp("trees"))
+
+
+@pytest.mark.parametrize("layout", ["geoseg-bench", "geoseg-bench-B", "rrsis-d", "refsegrs",
+                                    "earthreason", "local"])
+def test_command_on_every_layout(tmp_path, trees, layout, model_dir, capsys):
     from unigeoseg_backend.cli.main import main
 
-    out = tmp_path / "out"
-    assert main(_eval_args(bench.root, model_dir, out, "--native-resolution")) == 0
+    tree, out = trees[layout], tmp_path / "out"
+    args = _eval_args(tree.root, model_dir, out, "--native-resolution")
+    args[args.index("--dataset") + 1] = tree.dataset
+    args[args.index("--split") + 1] = tree.split
+    assert main(args) == 0
     doc = json.loads((out / "metrics.json").read_text())
-    listed = len(bench.samples)
-    assert doc["run"]["selected"] == listed and doc["problems"] == len(bench.problems)
-    failed = len(bench.unreadable)
+    listed, failed = len(tree.samples), len(tree.unreadable)
+    assert doc["run"]["selected"] == listed and doc["problems"] == len(tree.problems)
     assert doc["metrics"]["overall"]["failed"] == failed
     assert doc["metrics"]["overall"]["count"] == listed - failed
-    assert set(doc["metrics"]) == {"referring", "reasoning", "interactive", "overall"}
     assert doc["native_metrics"]["overall"]["count"] == listed - failed
+    tasks = {s.task.value for s in tree.samples.values()}
+    assert set(doc["metrics"]) == tasks | {"overall"}
     rows = _csv(out / ROWS)
-    assert sorted(r["sample_id"] for r in rows) == sorted(bench.samples)
+    assert sorted(r["sample_id"] for r in rows) == sorted(tree.samples)
+    assert sorted(r["sample_id"] for r in rows if r["error"]) == sorted(tree.unreadable)
     assert "gIoU" in capsys.readouterr().out
 
 

@@ -12,10 +12,11 @@ preprocess_mask`` (MiliLab/UniGeoSeg @73abc28) without OpenCV:
 * gIoU is the mean of the per-sample IoU, cIoU is ``sum(I) / (sum(U) + 1e-10)``, Pr@t is the
   fraction of samples with IoU strictly above t, t in 0.5 ... 0.9.
 
-The official code counts with ``torch.histc`` on integer CUDA tensors, so I and U are exact
-integers there too and the IoU is a float64 division; we keep I and U as Python ints and
-derive every aggregate from them in dataset order (:func:`summarize`), so a result does not
-depend on how the samples were batched or sharded across processes.
+The official code counts with ``torch.histc`` on int32 CUDA tensors (whose output keeps the
+input's dtype), so I and U are exact integers there too and the IoU is a float64 division; we
+keep I and U as Python ints (no int32 running sum that could wrap) and derive every aggregate
+from them in dataset order (:func:`summarize`), so a result does not depend on how the samples
+were batched or sharded across processes.
 """
 
 from __future__ import annotations

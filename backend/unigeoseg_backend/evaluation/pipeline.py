@@ -47,6 +47,7 @@ from .records import (
     RowWriter,
     SampleRow,
     check_manifest,
+    read_outside,
     read_previous,
     shard_name,
     write_rows_atomic,
@@ -180,7 +181,7 @@ def evaluate(settings: EvalSettings, listing: DatasetListing, model_path: Path,
     if world.is_main:
         by_index = {row.index: row for row in gathered}
         rows = [by_index[i] for i in sorted(by_index)]
-        write_rows_atomic(out / ROWS, rows)
+        write_rows_atomic(out / ROWS, rows, read_outside(out, index_of))
         run = {
             "unigeoseg_version": __version__, "model": str(loaded.name),
             "model_path": str(loaded.path), "dataset": settings.dataset,

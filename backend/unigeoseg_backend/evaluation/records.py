@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,35 +166,44 @@ def _cut_torn_tail(path: Path) -> None:
             file.truncate(end)
 
 
-def read_rows(path: Path, index_of: dict[str, int]) -> list[SampleRow]:
-    """The rows of one CSV that name a sample of the current selection (``index_of``).
+def _records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line number, column -> text)`` of every whole, well-formed row of one CSV.
 
-    A torn last line (no newline at the end) is ignored, as are rows that cannot be parsed
-    (with a warning). Rows appear in file order; a later row for the same sample is newer.
+    A torn last line (no newline at the end) is ignored, as are rows with the wrong number of
+    fields (with a warning).
     """
     path = Path(path)
     if not path.exists():
-        return []
+        return
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
     lines = text.splitlines()
     if not lines:
-        return []
+        return
     if lines[0].strip() != ",".join(COLUMNS):
         raise InvalidInputError(f"{path} is not a per-sample file of this version of "
                                 f"unigeoseg eval (header {lines[0][:80]!r}); pass --restart "
                                 f"to start over")
-    rows = []
     for number, fields in enumerate(csv.reader(lines[1:]), start=2):
         if len(fields) != len(COLUMNS):
             logger.warning("%s:%d: %d fields, expected %d; ignored", path, number, len(fields),
                            len(COLUMNS))
             continue
-        record = dict(zip(COLUMNS, fields, strict=True))
+        yield number, dict(zip(COLUMNS, fields, strict=True))
+
+
+def read_rows(path: Path, index_of: dict[str, int]) -> list[SampleRow]:
+    """The rows of one CSV that name a sample of the current selection (``index_of``).
+
+    Unparseable rows are ignored with a warning. Rows appear in file order; a later row for
+    the same sample is newer.
+    """
+    rows = []
+    for number, record in _records(path):
         index = index_of.get(record["sample_id"])
         if index is None:
-            continue  # not in this run's selection (another --limit or --task)
+            continue  # not in this run's selection (see read_outside)
         try:
             rows.append(SampleRow(
                 index=index, sample_id=record["sample_id"], task=record["task"],
@@ -208,18 +217,44 @@ def read_rows(path: Path, index_of: dict[str, int]) -> list[SampleRow]:
     return rows
 
 
+def _row_files(folder: Path) -> list[Path]:
+    return [folder / ROWS, *sorted(folder.glob(SHARD_PATTERN))]
+
+
+def _newer(previous_failed: bool | None, failed: bool) -> bool:
+    """Whether a later row replaces an earlier one of the same sample: yes, unless a failure
+    would replace a success (a shard of an interrupted rerun)."""
+    return previous_failed is None or previous_failed or not failed
+
+
 def read_previous(folder: Path, index_of: dict[str, int]) -> dict[int, SampleRow]:
     """Rows of earlier runs in ``folder`` (merged file, then any rank shards), newest wins."""
-    files = [folder / ROWS, *sorted(folder.glob(SHARD_PATTERN))]
     latest: dict[int, SampleRow] = {}
-    for path in files:
+    for path in _row_files(folder):
         for row in read_rows(path, index_of):
             previous = latest.get(row.index)
-            # A success is never replaced by a later failure of the same sample (a shard of an
-            # interrupted rerun); otherwise the later row is the newer one.
-            if previous is None or previous.failed or not row.failed:
+            if _newer(None if previous is None else previous.failed, row.failed):
                 latest[row.index] = row
     return latest
+
+
+def read_outside(folder: Path, index_of: dict[str, int]) -> list[list[str]]:
+    """The CSV fields of earlier rows whose sample is not in this run's selection.
+
+    A smaller ``--limit`` must not throw away results computed before: these rows are written
+    back, after the selection's, and count in no metric.
+    """
+    latest: dict[str, dict[str, str]] = {}
+    for path in _row_files(folder):
+        for _, record in _records(path):
+            sample_id = record["sample_id"]
+            if sample_id in index_of:
+                continue
+            previous = latest.get(sample_id)
+            if _newer(None if previous is None else previous["intersection"] == "",
+                      record["intersection"] == ""):
+                latest[sample_id] = record
+    return [[record[c] for c in COLUMNS] for record in latest.values()]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -235,9 +270,12 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_rows_atomic(path: Path, rows: Iterable[SampleRow]) -> None:
-    """The merged per-sample file, rows in the given order."""
-    write_atomic(path, _header() + _format(rows))
+def write_rows_atomic(path: Path, rows: Iterable[SampleRow],
+                      outside: Iterable[list[str]] = ()) -> None:
+    """The merged per-sample file: ``rows`` in the given order, then the ``outside`` fields."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(outside)
+    write_atomic(path, _header() + _format(rows) + buffer.getvalue())
 
 
 def check_manifest(folder: Path, manifest: dict[str, Any], restart: bool) -> None:
