@@ -8,6 +8,7 @@ and a two-process ``torchrun`` (Gloo, CPU) whose results must equal a one-proces
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import socket
@@ -114,7 +115,7 @@ def test_evaluator_matches_the_model_run_by_hand(loaded):
                           align_corners=False)[0, 0] > 0).numpy()
     expected = intersection_union(pred, letterbox_mask(sample.read_mask(), size))
     # Native: prediction on the image grid's crop, resized to the 20 x 35 mask.
-    native_box = box.__class__(**{**box.__dict__, "height": 20, "width": 35})
+    native_box = dataclasses.replace(box, height=20, width=35)
     native = (logits_to_tile(logits[0, 0], native_box) > 0).numpy()
     expected_native = intersection_union(native, sample.read_mask())
 
@@ -182,6 +183,25 @@ def test_resume_after_an_interruption_ignores_a_torn_line(tmp_path, loaded, mode
     rows = _csv(tmp_path / ROWS)
     assert [r["sample_id"] for r in rows] == ["s00", "s01", "s02", "s03"]
     assert rows[2]["error"].startswith("SampleReadError")
+
+
+def test_an_interrupted_run_leaves_whole_rows_and_resumes(tmp_path, loaded, model_dir):
+    listing = _listing(5)
+    calls = []
+
+    def read_image():  # Ctrl+C while reading sample 3, the first time only
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return _sample(3).read_image()
+
+    listing.samples[3] = dataclasses.replace(listing.samples[3], image_reader=read_image)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_settings(tmp_path), listing, loaded, model_dir)
+    assert [r["sample_id"] for r in _csv(tmp_path / ROWS)] == ["s00", "s01"]  # batch 1 only
+    assert not (tmp_path / "metrics.json").exists()
+    doc = _run(_settings(tmp_path), listing, loaded, model_dir)
+    assert (doc["run"]["computed_this_run"], doc["run"]["reused"]) == (3, 2)
 
 
 def test_failed_samples_are_retried_on_resume(tmp_path, loaded, model_dir):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..datasets.base import DatasetListing
+from ..errors import InvalidInputError
 from . import overlays
 from .distributed import (
     World,
@@ -115,8 +116,32 @@ def _prepare_folder(world: World, settings: EvalSettings, run_manifest: dict[str
     if not all_true(world, error is None):
         if error is not None:
             raise error
-        raise RuntimeError("another rank refused the output folder (see its message)")
+        raise InvalidInputError("another rank refused the output folder (see its message)")
     barrier(world)  # nobody appends before every rank has finished resetting
+
+
+def _resume(world: World, out: Path,
+            index_of: dict[str, int]) -> tuple[dict[int, SampleRow], list[int]]:
+    """The earlier rows of the selection, and the indices this rank still has to compute.
+
+    A sample is done when any rank saw a successful row for it; the rest are dealt out
+    round-robin in selection order.
+    """
+    previous = read_previous(out, index_of)
+    done = np.zeros(len(index_of), dtype=bool)
+    done[[i for i, row in previous.items() if not row.failed]] = True
+    done = any_per_item(world, done)
+    remaining = [i for i in range(len(index_of)) if not done[i]]
+    barrier(world)  # every rank has read the earlier rows before any is appended to
+    return previous, remaining[world.rank::world.size]
+
+
+def _selection_info(settings: EvalSettings, listing: DatasetListing,
+                    selected: int) -> dict[str, Any]:
+    return {"dataset": settings.dataset, "root": str(Path(settings.root).resolve()),
+            "split": settings.split, "task": settings.task, "mask_rule": settings.mask_rule,
+            "samples_listed": len(listing.samples), "selected": selected,
+            "limit": settings.limit, "native_resolution": settings.native_resolution}
 
 
 def evaluate(settings: EvalSettings, listing: DatasetListing, model_path: Path,
@@ -142,13 +167,7 @@ def evaluate(settings: EvalSettings, listing: DatasetListing, model_path: Path,
     index_of = {sample.sample_id: i for i, sample in enumerate(samples)}
     if len(index_of) != len(samples):
         raise ValueError(f"{listing.name}: sample ids are not unique")
-    previous = read_previous(out, index_of)
-    done = np.zeros(len(samples), dtype=bool)
-    done[[i for i, row in previous.items() if not row.failed]] = True
-    done = any_per_item(world, done)
-    remaining = [i for i in range(len(samples)) if not done[i]]
-    mine = remaining[world.rank::world.size]
-    barrier(world)  # every rank has read the earlier rows before any is appended to
+    previous, mine = _resume(world, out, index_of)
 
     load_start = time.perf_counter()
     loaded = load_model()
@@ -184,15 +203,11 @@ def evaluate(settings: EvalSettings, listing: DatasetListing, model_path: Path,
         write_rows_atomic(out / ROWS, rows, read_outside(out, index_of))
         run = {
             "unigeoseg_version": __version__, "model": str(loaded.name),
-            "model_path": str(loaded.path), "dataset": settings.dataset,
-            "root": str(Path(settings.root).resolve()), "split": settings.split,
-            "task": settings.task, "mask_rule": settings.mask_rule,
-            "samples_listed": len(listing.samples), "selected": len(samples),
-            "device": str(device), "dtype": _dtype_name(dtype),
-            "world_size": world.size, "batch_size": settings.batch_size,
-            "limit": settings.limit, "native_resolution": settings.native_resolution,
-            "computed_this_run": computed, "reused": len(rows) - computed,
-            "started": started_at, "model_load_seconds": round(load_seconds, 3),
+            "model_path": str(loaded.path), **_selection_info(settings, listing, len(samples)),
+            "device": str(device), "dtype": _dtype_name(dtype), "world_size": world.size,
+            "batch_size": settings.batch_size, "computed_this_run": computed,
+            "reused": len(rows) - computed, "started": started_at,
+            "model_load_seconds": round(load_seconds, 3),
             "evaluation_seconds": round(loop_seconds, 3),
             "samples_per_second": round(computed / loop_seconds, 3) if computed else None,
             "seconds": round(time.perf_counter() - started, 3),
