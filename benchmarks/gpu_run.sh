@@ -2,7 +2,8 @@
 # Every GPU check and benchmark of docs/performance.md, in one run on a lent GPU machine.
 #
 # The machine has torch/transformers but not the geospatial wheels: carry them in .whl/
-# (see docs/performance.md, "GPU"). Logs go to $OUT (default /tmp/gpu-out).
+# (see docs/performance.md, "GPU"). Logs go to $OUT (default /tmp/gpu-out). BATCHES and SIZES
+# override the benchmarks' batch sizes and raster sides; SKIP_PYTEST=1 skips the test run.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -27,9 +28,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 
 step checks 120 python3 benchmarks/gpu_checks.py
 step bench_unigeoseg 150 python3 benchmarks/bench_unigeoseg.py \
-    --model unigeoseg-official-sparseconv --batch-sizes 1,8,16,32 --modes eager,graphs \
+    --model unigeoseg-official-sparseconv --batch-sizes "${BATCHES:-1,8,16,32}" --modes eager,graphs \
     --repeats 10
-step bench_raster 200 python3 benchmarks/bench_raster_text.py --sizes 4000,8000 \
+step bench_raster 200 python3 benchmarks/bench_raster_text.py --sizes "${SIZES:-4000,8000}" \
     --device cuda --random-model unigeoseg-official-sparseconv --batch-size 32 \
     --nodata-grid 1000 --workdir /tmp
-step pytest_model 60 python3 -m pytest tests/model -q -x -p no:cacheprovider -k "not full_size"
+[ -n "${SKIP_PYTEST:-}" ] || step pytest_model 60 python3 -m pytest tests/model -q -x -p no:cacheprovider -k "not full_size"

@@ -30,7 +30,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -116,17 +118,20 @@ def run_predict_raster(args: argparse.Namespace) -> int:
             left_in_row = {i: len(col_spans) for i in range(len(row_spans))}
             next_row = 0
             start = time.perf_counter()
+            stages = _StageTimes()
             batches = [tiles[b0:b0 + args.batch_size]
                        for b0 in range(0, len(tiles), args.batch_size)]
             with _progress(len(tiles), disabled=args.no_progress) as bar, \
                     _BatchReader(dataset, bands, engine.device.type == "cuda") as reader:
                 reader.start(batches[0])
                 for index, batch in enumerate(batches):
-                    pixels = reader.result()
+                    with stages.timing("read"):  # only the wait, when the reader runs ahead
+                        pixels = reader.result()
                     if index + 1 < len(batches):
                         reader.start(batches[index + 1])
-                    for tile, (mask, score) in zip(batch, _segment_batch(pixels, engine, prompt),
-                                                   strict=True):
+                    with stages.timing("segment"):
+                        results = list(_segment_batch(pixels, engine, prompt))
+                    for tile, (mask, score) in zip(batch, results, strict=True):
                         core = tile.core
                         strip = strips.get(tile.row)
                         if strip is None:
@@ -137,15 +142,17 @@ def run_predict_raster(args: argparse.Namespace) -> int:
                         scores[tile.row, tile.col] = score
                         left_in_row[tile.row] -= 1
                         bar.update(1)
-                    while next_row in left_in_row and left_in_row[next_row] == 0:
-                        regions = polygonizer.feed(strips.pop(next_row))
-                        writer.add(regions, base, scores, row_bounds, col_bounds)
-                        next_row += 1
-            writer.add(polygonizer.finish(), base, scores, row_bounds, col_bounds)
-            writer.commit()
+                    with stages.timing("vectorize"):
+                        while next_row in left_in_row and left_in_row[next_row] == 0:
+                            regions = polygonizer.feed(strips.pop(next_row))
+                            writer.add(regions, base, scores, row_bounds, col_bounds)
+                            next_row += 1
+            with stages.timing("vectorize"):
+                writer.add(polygonizer.finish(), base, scores, row_bounds, col_bounds)
+                writer.commit()
         elapsed = time.perf_counter() - start
     print(f"{writer.count} polygon(s) written to {output} ({len(tiles)} tiles in "
-          f"{elapsed:.1f} s, {len(tiles) / max(elapsed, 1e-9):.2f} tiles/s, model "
+          f"{elapsed:.1f} s, {len(tiles) / max(elapsed, 1e-9):.2f} tiles/s; {stages}; model "
           f"{engine.model_id})")
     return 0
 
@@ -155,6 +162,24 @@ def _load_engine(args: argparse.Namespace):
 
     return load_text_engine(resolve_model(configured_model(args.model)),
                             select_device(args.device))
+
+
+class _StageTimes:
+    """Seconds spent per stage of the loop, for the summary line (where the time goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{stage} {s:.1f} s" for stage, s in self.seconds.items())
 
 
 class _BatchReader:

@@ -44,6 +44,11 @@ class CudaGraphCache:
     All graphs share one memory pool. That is safe because replays are sequential on one
     stream and outputs are cloned before the next replay.
 
+    Under capture, transformers skips its data-dependent shortcuts (``is_tracing`` includes
+    stream capture) and builds the attention mask explicitly, so the language model's graph
+    may take another attention kernel than the eager call: outputs agree to rounding, not
+    bit for bit.
+
     Args:
         device: the CUDA device the graphs run on.
         max_graphs: graphs kept (each holds its inputs, outputs and activations' memory).
@@ -102,6 +107,9 @@ class CudaGraphCache:
             logger.warning("CUDA graph capture failed for %s (%s: %s); running it eagerly",
                            key, type(exc).__name__, exc)
             torch.cuda.synchronize(self.device)
+            # An aborted capture leaves its private pool unusable for later captures (the
+            # allocator asserts): start a new one. Graphs already captured keep theirs.
+            self._pool = torch.cuda.graph_pool_handle()
             return None
         captured = _Captured(graph, static, outputs)
         self._graphs[key] = captured

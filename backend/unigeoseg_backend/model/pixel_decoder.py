@@ -93,11 +93,12 @@ def _filled_long(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
     """An R x K int64 tensor of Python ints, written on the device element by element.
 
     ``torch.as_tensor(rows, device=cuda)`` copies from host memory, which CUDA graph capture
-    forbids; assigning Python scalars launches fill kernels only."""
+    forbids; ``fill_`` with a Python scalar launches a kernel only (``out[i, j] = value``
+    would wrap the value in a host tensor first)."""
     out = torch.zeros(len(rows), len(rows[0]), dtype=torch.long, device=device)
     for i, row in enumerate(rows):
         for j, value in enumerate(row):
-            out[i, j] = value
+            out[i, j].fill_(value)
     return out
 
 

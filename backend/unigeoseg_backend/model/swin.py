@@ -119,7 +119,7 @@ def shifted_window_mask(
     bands = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
     for i, rows in enumerate(bands):
         for j, cols in enumerate(bands):
-            labels[rows, cols] = 3 * i + j
+            labels[rows, cols].fill_(3 * i + j)  # fill_: no host tensor (graph capture)
     windows = window_partition(labels[None, :, :, None], window_size).flatten(1)  # nW x N
     differ = windows[:, None, :] != windows[:, :, None]
     return torch.zeros(differ.shape, device=device).masked_fill(differ, MASK_FILL)
