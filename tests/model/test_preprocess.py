@@ -11,6 +11,7 @@ from unigeoseg_backend.model.preprocess import (
     PIXEL_STD,
     Letterbox,
     letterbox_image,
+    letterbox_tensor,
     logits_to_tile,
 )
 
@@ -68,5 +69,21 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError):
         Letterbox.for_tile(0, 10)
     with pytest.raises(ValueError):
-        logits_to_tile(torch.zeros(1, 512, 512), Letterbox.for_tile(10, 10))
+        logits_to_tile(torch.zeros(1, 1, 512, 512), Letterbox.for_tile(10, 10))
+
+
+def test_batched_letterbox_and_logits_equal_one_tile_at_a_time():
+    rng = np.random.default_rng(3)
+    tiles = (rng.random((3, 90, 140, 3)) * 255).astype(np.uint8)
+    batch, box = letterbox_tensor(torch.from_numpy(tiles), size=128)
+    assert batch.shape == (3, 3, 128, 128)
+    for i in range(3):
+        one, one_box = letterbox_image(tiles[i], size=128)
+        assert one_box == box
+        torch.testing.assert_close(batch[i], one, rtol=0, atol=0)
+    logits = torch.randn(3, 32, 32)
+    mapped = logits_to_tile(logits, box)
+    assert mapped.shape == (3, 90, 140)
+    for i in range(3):
+        torch.testing.assert_close(mapped[i], logits_to_tile(logits[i], box), rtol=0, atol=0)
 

@@ -120,36 +120,50 @@ class UniGeoSegEngine:
                       ) -> list[UniGeoSegPrediction]:
         """One text prompt on several H x W x 3 uint8 tiles, as one batch on the device.
 
-        For whole-raster runs: the tiles are letterboxed and encoded together, the prompt is
-        tokenised and embedded once, and the language model and decoder run on the batch.
+        For whole-raster runs: tiles of one size travel to the device as one block of bytes
+        and are letterboxed there; the prompt is tokenised and embedded once; the language
+        model and decoder run on the batch; masks and scores come back in one transfer per
+        tile size.
         """
         if not tiles:
             return []
         if prompt.task not in ("referring", "reasoning") or not prompt.text:
             raise InvalidInputError("batched tiles take a referring or reasoning text prompt")
-        boxes, images = [], []
+        for rgb in tiles:
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ValueError(f"tiles must be H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, rgb in enumerate(tiles):
+            groups.setdefault(rgb.shape, []).append(index)
+        images: list[torch.Tensor | None] = [None] * len(tiles)
+        boxes: dict[tuple[int, ...], Letterbox] = {}
         with torch.inference_mode():
-            for rgb in tiles:
-                if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-                    raise ValueError(f"tiles must be H x W x 3 uint8, got {rgb.shape} "
-                                     f"{rgb.dtype}")
-                # Bytes go to the device; the letterbox runs there.
-                pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
-                image, box = letterbox_tensor(pixels, self.image_size)
-                images.append(image)
-                boxes.append(box)
+            for shape, indexes in groups.items():
+                pixels = torch.from_numpy(np.stack([tiles[i] for i in indexes])).to(self.device)
+                batch, boxes[shape] = letterbox_tensor(pixels, self.image_size)
+                for i, image in zip(indexes, batch, strict=True):
+                    images[i] = image
             tokenised = build_prompt(prompt.task, prompt.text, self.tokenizer)
             vision = self.model.encode_images(torch.stack(images))
             logits = self.model.segment(vision, [tokenised] * len(tiles))  # B 1 S/4 S/4
-            return [self._prediction(logits[i:i + 1], box) for i, box in enumerate(boxes)]
+            predictions: list[UniGeoSegPrediction | None] = [None] * len(tiles)
+            for shape, indexes in groups.items():
+                group_logits = logits[indexes]
+                masks, scores = self._masks_and_scores(group_logits[:, 0], boxes[shape])
+                for j, i in enumerate(indexes):
+                    predictions[i] = UniGeoSegPrediction(mask=masks[j], score=float(scores[j]),
+                                                         low_res_logits=group_logits[j:j + 1])
+        return predictions
 
     @staticmethod
-    def _prediction(logits: torch.Tensor, box: Letterbox) -> UniGeoSegPrediction:
-        """1 x 1 x S/4 x S/4 logits -> the mask on the tile grid and its mean confidence."""
-        tile_logits = logits_to_tile(logits[0, 0], box)  # H W float32
-        mask = tile_logits > 0
-        score = float(torch.sigmoid(tile_logits[mask]).mean()) if bool(mask.any()) else 0.0
-        return UniGeoSegPrediction(mask=mask.cpu().numpy(), score=score, low_res_logits=logits)
+    def _masks_and_scores(logits: torch.Tensor, box: Letterbox) -> tuple[np.ndarray, np.ndarray]:
+        """B x S/4 x S/4 logits of tiles of one letterbox -> B x H x W bool masks on the tile
+        grid and each mask's mean sigmoid (0 for an empty mask), in one transfer."""
+        tile_logits = logits_to_tile(logits, box)  # B H W float32
+        masks = tile_logits > 0
+        inside = (torch.sigmoid(tile_logits) * masks).sum(dim=(-2, -1))
+        scores = inside / masks.sum(dim=(-2, -1)).clamp(min=1)
+        return masks.cpu().numpy(), scores.cpu().numpy()
 
     def instruction(self, embedding: UniGeoSegEmbedding, prompt: Prompt,
                     points_px: np.ndarray | None, labels: np.ndarray | None,
@@ -213,4 +227,5 @@ class UniGeoSegEngine:
         tokenised = build_prompt(task, text, self.tokenizer)
         with torch.inference_mode():
             logits = self.model.segment(embedding.vision, [tokenised])  # 1 1 S/4 S/4
-            return self._prediction(logits, embedding.letterbox)
+            masks, scores = self._masks_and_scores(logits[:, 0], embedding.letterbox)
+        return UniGeoSegPrediction(mask=masks[0], score=float(scores[0]), low_res_logits=logits)

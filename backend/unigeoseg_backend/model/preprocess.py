@@ -71,23 +71,27 @@ def letterbox_image(rgb: np.ndarray, size: int = INPUT_SIZE) -> tuple[torch.Tens
 
 
 def letterbox_tensor(rgb: torch.Tensor, size: int = INPUT_SIZE) -> tuple[torch.Tensor, Letterbox]:
-    """:func:`letterbox_image` for an ``H x W x 3`` uint8 tensor, computed on its device
-    (a batch of tiles sent to the GPU as bytes is letterboxed there)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != torch.uint8:
-        raise ValueError(f"expected H x W x 3 uint8 RGB, got {tuple(rgb.shape)} {rgb.dtype}")
-    box = Letterbox.for_tile(rgb.shape[0], rgb.shape[1], size)
-    image = rgb.permute(2, 0, 1)[None].float()
+    """:func:`letterbox_image` for an ``H x W x 3`` or ``B x H x W x 3`` (tiles of one size)
+    uint8 tensor, computed on its device: a batch of tiles sent to the GPU as bytes is
+    letterboxed there. Returns ``3 x size x size`` or ``B x 3 x size x size``."""
+    if rgb.ndim not in (3, 4) or rgb.shape[-1] != 3 or rgb.dtype != torch.uint8:
+        raise ValueError(f"expected [B x] H x W x 3 uint8 RGB, got {tuple(rgb.shape)} "
+                         f"{rgb.dtype}")
+    box = Letterbox.for_tile(rgb.shape[-3], rgb.shape[-2], size)
+    batch = rgb if rgb.ndim == 4 else rgb[None]
+    image = batch.permute(0, 3, 1, 2).float()
     if (box.new_height, box.new_width) != (box.height, box.width):
         # Bilinear with half-pixel centres and no antialiasing, like cv2.INTER_LINEAR;
         # rounded back to 8 bits as cv2 returns uint8 for uint8 input. (At the same size
         # this is the identity, so it is skipped.)
         image = F.interpolate(image, size=(box.new_height, box.new_width), mode="bilinear",
                               align_corners=False).round().clamp(0, 255)
-    canvas = image.new_zeros(3, size, size)
-    canvas[:, box.top:box.top + box.new_height, box.left:box.left + box.new_width] = image[0]
+    canvas = image.new_zeros(image.shape[0], 3, size, size)
+    canvas[..., box.top:box.top + box.new_height, box.left:box.left + box.new_width] = image
     mean = torch.tensor(PIXEL_MEAN, device=rgb.device).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=rgb.device).view(3, 1, 1)
-    return (canvas - mean) / std, box
+    normalised = (canvas - mean) / std
+    return (normalised if rgb.ndim == 4 else normalised[0]), box
 
 
 def logits_to_tile(logits: torch.Tensor, box: Letterbox) -> torch.Tensor:
@@ -95,13 +99,16 @@ def logits_to_tile(logits: torch.Tensor, box: Letterbox) -> torch.Tensor:
 
     The logits are first brought to the input size (bilinear, as the official inference does),
     the padding is cropped, and the rest is resized to the tile's ``height x width``.
+    ``h x w`` in, ``H x W`` float32 out; ``B x h x w`` (tiles of one letterbox) gives
+    ``B x H x W``.
     """
-    if logits.ndim != 2:
-        raise ValueError(f"expected 2-D logits, got shape {tuple(logits.shape)}")
-    grid = logits[None, None].float()
-    if logits.shape != (box.size, box.size):
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"expected [B x] h x w logits, got shape {tuple(logits.shape)}")
+    grid = (logits if logits.ndim == 3 else logits[None])[:, None].float()
+    if grid.shape[-2:] != (box.size, box.size):
         grid = F.interpolate(grid, size=(box.size, box.size), mode="bilinear",
                              align_corners=False)
     crop = grid[..., box.top:box.top + box.new_height, box.left:box.left + box.new_width]
-    return F.interpolate(crop, size=(box.height, box.width), mode="bilinear",
-                         align_corners=False)[0, 0]
+    tile = F.interpolate(crop, size=(box.height, box.width), mode="bilinear",
+                         align_corners=False)[:, 0]
+    return tile if logits.ndim == 3 else tile[0]
