@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 #: must happen outside the graph.
 WARMUP_RUNS = 2
 
+#: Keys whose calls are counted before capture (the oldest are forgotten beyond this).
+_MAX_COUNTED_KEYS = 1024
+
 
 @dataclass
 class _Captured:
@@ -49,12 +52,18 @@ class CudaGraphCache:
     may take another attention kernel than the eager call: outputs agree to rounding, not
     bit for bit.
 
+    A key is captured the second time it is seen, not the first: a capture costs a few
+    forward passes, which one-off shapes (the ragged last batch of a whole-raster run, a
+    prompt asked once) would never repay.
+
     Args:
         device: the CUDA device the graphs run on.
         max_graphs: graphs kept (each holds its inputs, outputs and activations' memory).
+        capture_after: calls of a key before it is captured (1: capture on first use).
     """
 
-    def __init__(self, device: torch.device, max_graphs: int = 16) -> None:
+    def __init__(self, device: torch.device, max_graphs: int = 16,
+                 capture_after: int = 2) -> None:
         if torch.device(device).type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.device = torch.device(device)
@@ -62,6 +71,8 @@ class CudaGraphCache:
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
         self._failed: set[Hashable] = set()
+        self.capture_after = capture_after
+        self._calls: OrderedDict[Hashable, int] = OrderedDict()  # of keys not captured yet
         self.captures = 0  #: graphs captured so far (a benchmark reads it)
 
     def __len__(self) -> int:
@@ -80,6 +91,12 @@ class CudaGraphCache:
                 return tuple(fn(*inputs))
             captured = self._graphs.get(key)
             if captured is None:
+                calls = self._calls.pop(key, 0) + 1
+                if calls < self.capture_after:
+                    self._calls[key] = calls
+                    while len(self._calls) > _MAX_COUNTED_KEYS:
+                        self._calls.popitem(last=False)
+                    return tuple(fn(*inputs))
                 captured = self._capture(key, fn, inputs)
                 if captured is None:
                     return tuple(fn(*inputs))
