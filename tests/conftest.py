@@ -37,6 +37,23 @@ def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny SparseConv_1 UniGeoSeg (seeded random weights) saved in the released layout
+    with the tiny tokenizer, as a user's model folder would be."""
+    import torch
+
+    from unigeoseg_backend.model.checkpoint import save_released
+    from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
+    from unigeoseg_backend.model.unigeoseg import UniGeoSeg
+
+    torch.manual_seed(0)
+    model = UniGeoSeg(get_config("unigeoseg-tiny-sparseconv")).eval()
+    path = tmp_path_factory.mktemp("models") / "unigeoseg-tiny-sparseconv"
+    save_released(model, tiny_tokenizer(), path)
+    return path
+
+
 @dataclass
 class BackendProcess:
     """A running ``unigeoseg serve`` subprocess."""

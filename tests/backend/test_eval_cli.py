@@ -30,29 +30,14 @@ from unigeoseg_backend.model.preprocess import letterbox_image, logits_to_tile
 from unigeoseg_backend.model.prompting import PromptTemplate, Task, build_prompt
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL_NAME = "unigeoseg-tiny-sparseconv"
 SUBPROCESS_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """The tiny SparseConv_1 UniGeoSeg, seeded, in the released layout (as the engine tests)."""
-    from unigeoseg_backend.model.checkpoint import save_released
-    from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
-    from unigeoseg_backend.model.unigeoseg import UniGeoSeg
-
-    torch.manual_seed(0)
-    model = UniGeoSeg(get_config(MODEL_NAME)).eval()
-    path = tmp_path_factory.mktemp("models") / MODEL_NAME
-    save_released(model, tiny_tokenizer(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
+def loaded(tiny_model_dir):
     from unigeoseg_backend.model.checkpoint import load_released
 
-    return load_released(model_dir, device="cpu", dtype=torch.float32)
+    return load_released(tiny_model_dir, device="cpu", dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------- hand-made samples
@@ -89,8 +74,8 @@ def _settings(out: Path, **kw) -> EvalSettings:
                            "batch_size": 2, "worst": 2, "workers": 0, "progress": False, **kw})
 
 
-def _run(settings: EvalSettings, listing: DatasetListing, loaded, model_dir: Path):
-    return evaluate(settings, listing, model_dir, lambda: loaded, torch.device("cpu"),
+def _run(settings: EvalSettings, listing: DatasetListing, loaded, tiny_model_dir: Path):
+    return evaluate(settings, listing, tiny_model_dir, lambda: loaded, torch.device("cpu"),
                     torch.float32)
 
 
@@ -135,9 +120,9 @@ def test_batches_and_thread_reading_give_the_same_counts(loaded):
         [(r.index, r.intersection, r.union) for r in many]
 
 
-def test_a_failing_sample_is_recorded_and_the_run_goes_on(tmp_path, loaded, model_dir):
+def test_a_failing_sample_is_recorded_and_the_run_goes_on(tmp_path, loaded, tiny_model_dir):
     listing = _listing(4, broken=(1,))
-    doc = _run(_settings(tmp_path), listing, loaded, model_dir)
+    doc = _run(_settings(tmp_path), listing, loaded, tiny_model_dir)
     rows = _csv(tmp_path / ROWS)
     assert [r["sample_id"] for r in rows] == ["s00", "s01", "s02", "s03"]
     assert rows[1]["error"] == "SampleReadError: image1.png is truncated"
@@ -153,39 +138,39 @@ def test_a_failing_sample_is_recorded_and_the_run_goes_on(tmp_path, loaded, mode
     assert "| **overall** | 3 | 1 |" in table
 
 
-def test_resume_does_not_recompute_finished_samples(tmp_path, loaded, model_dir):
+def test_resume_does_not_recompute_finished_samples(tmp_path, loaded, tiny_model_dir):
     listing = _listing(6)
-    first = _run(_settings(tmp_path, limit=3), listing, loaded, model_dir)
+    first = _run(_settings(tmp_path, limit=3), listing, loaded, tiny_model_dir)
     assert first["run"]["computed_this_run"] == 3
     before = _csv(tmp_path / ROWS)
-    second = _run(_settings(tmp_path), listing, loaded, model_dir)
+    second = _run(_settings(tmp_path), listing, loaded, tiny_model_dir)
     assert (second["run"]["computed_this_run"], second["run"]["reused"]) == (3, 3)
     after = _csv(tmp_path / ROWS)
     assert after[:3] == before  # the same lines, seconds included: not recomputed
-    fresh = _run(_settings(tmp_path / "fresh"), listing, loaded, model_dir)
+    fresh = _run(_settings(tmp_path / "fresh"), listing, loaded, tiny_model_dir)
     assert second["metrics"] == fresh["metrics"]
     # Nothing left to do: everything reused, same numbers.
-    third = _run(_settings(tmp_path), listing, loaded, model_dir)
+    third = _run(_settings(tmp_path), listing, loaded, tiny_model_dir)
     assert third["run"]["computed_this_run"] == 0 and third["metrics"] == fresh["metrics"]
     # A smaller --limit scores only its samples but keeps the other rows in the file.
-    small = _run(_settings(tmp_path, limit=2), listing, loaded, model_dir)
+    small = _run(_settings(tmp_path, limit=2), listing, loaded, tiny_model_dir)
     assert small["metrics"]["overall"]["count"] == 2
     assert _csv(tmp_path / ROWS) == after
 
 
-def test_resume_after_an_interruption_ignores_a_torn_line(tmp_path, loaded, model_dir):
+def test_resume_after_an_interruption_ignores_a_torn_line(tmp_path, loaded, tiny_model_dir):
     listing = _listing(4, broken=(2,))
-    _run(_settings(tmp_path, limit=2), listing, loaded, model_dir)
+    _run(_settings(tmp_path, limit=2), listing, loaded, tiny_model_dir)
     with open(tmp_path / ROWS, "a") as file:
         file.write("s02,reasoning,0.5,1")  # killed in the middle of a row
-    doc = _run(_settings(tmp_path), listing, loaded, model_dir)
+    doc = _run(_settings(tmp_path), listing, loaded, tiny_model_dir)
     assert doc["run"]["computed_this_run"] == 2
     rows = _csv(tmp_path / ROWS)
     assert [r["sample_id"] for r in rows] == ["s00", "s01", "s02", "s03"]
     assert rows[2]["error"].startswith("SampleReadError")
 
 
-def test_an_interrupted_run_leaves_whole_rows_and_resumes(tmp_path, loaded, model_dir):
+def test_an_interrupted_run_leaves_whole_rows_and_resumes(tmp_path, loaded, tiny_model_dir):
     listing = _listing(5)
     calls = []
 
@@ -197,29 +182,29 @@ def test_an_interrupted_run_leaves_whole_rows_and_resumes(tmp_path, loaded, mode
 
     listing.samples[3] = dataclasses.replace(listing.samples[3], image_reader=read_image)
     with pytest.raises(KeyboardInterrupt):
-        _run(_settings(tmp_path), listing, loaded, model_dir)
+        _run(_settings(tmp_path), listing, loaded, tiny_model_dir)
     assert [r["sample_id"] for r in _csv(tmp_path / ROWS)] == ["s00", "s01"]  # batch 1 only
     assert not (tmp_path / "metrics.json").exists()
-    doc = _run(_settings(tmp_path), listing, loaded, model_dir)
+    doc = _run(_settings(tmp_path), listing, loaded, tiny_model_dir)
     assert (doc["run"]["computed_this_run"], doc["run"]["reused"]) == (3, 2)
 
 
-def test_failed_samples_are_retried_on_resume(tmp_path, loaded, model_dir):
-    _run(_settings(tmp_path), _listing(3, broken=(0,)), loaded, model_dir)
-    doc = _run(_settings(tmp_path), _listing(3), loaded, model_dir)  # the file was fixed
+def test_failed_samples_are_retried_on_resume(tmp_path, loaded, tiny_model_dir):
+    _run(_settings(tmp_path), _listing(3, broken=(0,)), loaded, tiny_model_dir)
+    doc = _run(_settings(tmp_path), _listing(3), loaded, tiny_model_dir)  # the file was fixed
     assert doc["run"]["computed_this_run"] == 1
     assert doc["metrics"]["overall"]["failed"] == 0
 
 
 def test_another_evaluation_in_the_folder_is_refused_unless_restart(tmp_path, loaded,
-                                                                    model_dir):
+                                                                    tiny_model_dir):
     from unigeoseg_backend.errors import InvalidInputError
 
     listing = _listing(2)
-    _run(_settings(tmp_path), listing, loaded, model_dir)
+    _run(_settings(tmp_path), listing, loaded, tiny_model_dir)
     with pytest.raises(InvalidInputError, match="split"):
-        _run(_settings(tmp_path, split="val"), listing, loaded, model_dir)
-    doc = _run(_settings(tmp_path, split="val", restart=True), listing, loaded, model_dir)
+        _run(_settings(tmp_path, split="val"), listing, loaded, tiny_model_dir)
+    doc = _run(_settings(tmp_path, split="val", restart=True), listing, loaded, tiny_model_dir)
     assert doc["run"]["computed_this_run"] == 2
     assert json.loads((tmp_path / "run.json").read_text())["split"] == "val"
 
@@ -248,9 +233,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _eval_args(root: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
+def _eval_args(root: Path, tiny_model_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["eval", "--dataset", "geoseg-bench", "--root", str(root), "--split", "test",
-            "--model", str(model_dir), "--device", "cpu", "--batch-size", "2", "--workers",
+            "--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "2", "--workers",
             "0", "--worst", "3", "--no-progress", "--out", str(out), *extra]
 
 
@@ -291,11 +276,11 @@ def trees(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["geoseg-bench", "geoseg-bench-B", "rrsis-d", "refsegrs",
                                     "earthreason", "local"])
-def test_command_on_every_layout(tmp_path, trees, layout, model_dir, capsys):
+def test_command_on_every_layout(tmp_path, trees, layout, tiny_model_dir, capsys):
     from unigeoseg_backend.cli.main import main
 
     tree, out = trees[layout], tmp_path / "out"
-    args = _eval_args(tree.root, model_dir, out, "--native-resolution")
+    args = _eval_args(tree.root, tiny_model_dir, out, "--native-resolution")
     args[args.index("--dataset") + 1] = tree.dataset
     args[args.index("--split") + 1] = tree.split
     assert main(args) == 0
@@ -314,13 +299,13 @@ def test_command_on_every_layout(tmp_path, trees, layout, model_dir, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, bench, model_dir):
+def test_two_processes_equal_one(tmp_path, bench, tiny_model_dir):
     """torchrun with 2 CPU processes (Gloo) and a plain run: the same rows and metrics."""
     env = _subprocess_env()
     single, double = tmp_path / "single", tmp_path / "double"
     # Batches of one: the same tensors per sample in both runs, so equal rows test the
     # sharding and the gather, not floating-point effects of batch composition.
-    args = {out: [*_eval_args(bench.root, model_dir, out), "--batch-size", "1"]
+    args = {out: [*_eval_args(bench.root, tiny_model_dir, out), "--batch-size", "1"]
             for out in (single, double)}
     base = [sys.executable, "-m", "unigeoseg_backend.cli.main"]
     one = subprocess.run([*base, *args[single]], env=env,

@@ -174,19 +174,6 @@ def test_strip_shapes_are_checked():
 # -- the CLI on a GeoTIFF ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from unigeoseg_backend.model.checkpoint import save_released
-    from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
-    from unigeoseg_backend.model.unigeoseg import UniGeoSeg
-
-    torch.manual_seed(0)
-    model = UniGeoSeg(get_config("unigeoseg-tiny-sparseconv")).eval()
-    path = tmp_path_factory.mktemp("models") / "unigeoseg-tiny-sparseconv"
-    save_released(model, tiny_tokenizer(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def utm_raster(tmp_path_factory):
     """1200 x 900 3-band uint8 GeoTIFF in EPSG:32633 at 0.5 m, with roofs and noise."""
     path = tmp_path_factory.mktemp("raster") / "scene.tif"

@@ -33,7 +33,6 @@ from unigeoseg_backend.segmenter import EngineRegistry, Segmenter
 from unigeoseg_protocol import Georeference, Prompt, RemoteError, SegmentOptions
 from unigeoseg_protocol.client import Client
 
-MODEL_NAME = "unigeoseg-tiny-sparseconv"
 UTM_TILE = Georeference("EPSG:32633", (500000.0, 0.3, 0.0, 4100000.0, 0.0, -0.3))
 TEXT = "the warehouse with the blue roof"
 
@@ -47,28 +46,6 @@ def _tile(height=200, width=300, seed=0) -> np.ndarray:
 
 def _map_xy(georef: Georeference, col: float, row: float) -> tuple[float, float]:
     return tuple(Affine.from_gdal(*georef.geotransform) @ (col, row))
-
-
-def _tiny_tokenizer():
-    from unigeoseg_backend.model.registry import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    assert len(tokenizer) <= 1000
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The tiny SparseConv_1 UniGeoSeg, seeded, saved in the released layout."""
-    from unigeoseg_backend.model.checkpoint import save_released
-    from unigeoseg_backend.model.registry import get_config
-    from unigeoseg_backend.model.unigeoseg import UniGeoSeg
-
-    torch.manual_seed(0)
-    model = UniGeoSeg(get_config(MODEL_NAME)).eval()
-    path = tmp_path_factory.mktemp("models") / MODEL_NAME
-    save_released(model, _tiny_tokenizer(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
