@@ -7,8 +7,9 @@ rubber band, and writes accepted polygons through the target layer's edit buffer
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from .core.raster_window import read_window_around
 from .core.render import render_window
 from .core.session import PromptSession
 from .core.settings import PluginSettings
-from .core.tiles import TileWindow, tiles_over_extent, window_around
+from .core.tiles import TileWindow, tiles_and_cores_over_extent, window_around
 from .tasks import BackendRequestTask, submit
 
 #: A click this close to a window edge gets a new window centred on it (context matters).
@@ -49,6 +50,14 @@ class Accepted:
 
     layer: QgsVectorLayer
     feature_count: int
+
+
+@dataclass
+class _TextRun:
+    """One text request over the visible extent: tile results so far, tiles still out."""
+
+    pending: int
+    tiles: list[tuple[dict[str, Any], QgsRectangle]] = field(default_factory=list)
 
 
 class SegmentationController(QObject):
@@ -76,6 +85,7 @@ class SegmentationController(QObject):
         self.target_layer: QgsVectorLayer | None = None
         self.session = PromptSession()
         self._accepted: list[Accepted] = []
+        self._text_run: _TextRun | None = None
         self._in_flight: str | None = None
         self._resend = False
         self._preview = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
@@ -143,6 +153,7 @@ class SegmentationController(QObject):
             request_id, self._in_flight = self._in_flight, None
             self.connection.cancel(request_id)
         self._resend = False
+        self._text_run = None
         self.session.next_object()
         self._refresh_overlays()
 
@@ -163,6 +174,7 @@ class SegmentationController(QObject):
             return 0
         layer.triggerRepaint()
         self._accepted.append(Accepted(layer, len(features)))
+        self._text_run = None  # tiles still on their way belong to the accepted result
         self.session.next_object()
         self._refresh_overlays()
         self.accepted.emit(len(features))
@@ -182,20 +194,23 @@ class SegmentationController(QObject):
             return
         crs = self.canvas.mapSettings().destinationCrs()
         extent = self.canvas.mapSettings().visibleExtent()
-        windows = tiles_over_extent(crs.authid() or crs.toWkt(),
-                                    (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(),
-                                     extent.yMaximum()),
-                                    self.canvas.mapUnitsPerPixel(), self.settings.tile_px)
+        tiles = tiles_and_cores_over_extent(crs.authid() or crs.toWkt(),
+                                            (extent.xMinimum(), extent.yMinimum(),
+                                             extent.xMaximum(), extent.yMaximum()),
+                                            self.canvas.mapUnitsPerPixel(),
+                                            self.settings.tile_px)
         self.session.new_window(None)  # text results are not tied to a click window
-        for index, window in enumerate(windows, start=1):
+        run = self._text_run = _TextRun(pending=len(tiles))
+        for index, (window, core) in enumerate(tiles, start=1):
             pixels = render_window(self.source_layer, window)
             submit(BackendRequestTask(
-                f"UniGeoSeg: '{text[:40]}' tile {index}/{len(windows)}", self.connection,
+                f"UniGeoSeg: '{text[:40]}' tile {index}/{len(tiles)}", self.connection,
                 "segment", {"georeference": self._georeference(window),
                             "prompt": {"text": text, "task": task},
                             "options": dict(self._options(), engine="unigeoseg")},
                 {"pixels": pixels}, self.settings.request_timeout_s,
-                self._on_text_reply, self._on_error))
+                functools.partial(self._on_text_reply, run, QgsRectangle(*core)),
+                functools.partial(self._on_text_error, run)))
 
     # ------------------------------------------------------------------ internals
 
@@ -315,13 +330,29 @@ class SegmentationController(QObject):
             self.session.window = None
         self._on_error(code, text)
 
-    def _on_text_reply(self, message) -> None:
-        """Tiles answer one by one: their polygons add up (same CRS, the canvas's)."""
+    def _on_text_reply(self, run: _TextRun, core: QgsRectangle, message) -> None:
+        """Tiles answer one by one: their polygons show as they come (same CRS, the
+        canvas's); once every tile has answered they are clipped to the tiles' cores and
+        merged across the seams (``results.merge_tile_results``)."""
+        if run is not self._text_run:
+            return  # a newer text request, or the result was accepted or cleared
         collection = message.header["result"]["features"]
+        run.tiles.append((collection, core))
         if self.session.result is None:
-            self.session.result = collection
+            self.session.result = {**collection, "features": list(collection["features"])}
         else:
             self.session.result["features"].extend(collection["features"])
+        self._text_tile_done(run)
+
+    def _on_text_error(self, run: _TextRun, code: str, text: str) -> None:
+        if run is self._text_run:
+            self._text_tile_done(run)
+        self._on_error(code, text)
+
+    def _text_tile_done(self, run: _TextRun) -> None:
+        run.pending -= 1
+        if run.pending == 0 and run.tiles:
+            self.session.result = results.merge_tile_results(run.tiles)
         self._refresh_overlays()
 
     def _on_error(self, code: str, text: str) -> None:

@@ -7,12 +7,12 @@ import numpy as np
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsMapLayer,
-    QgsMapRendererParallelJob,
+    QgsMapRendererCustomPainterJob,
     QgsMapSettings,
     QgsRectangle,
 )
-from qgis.PyQt.QtCore import QSize
-from qgis.PyQt.QtGui import QColor, QImage
+from qgis.PyQt.QtCore import QSize, Qt
+from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
 from .tiles import TileWindow
 
@@ -33,10 +33,17 @@ def render_window(layer: QgsMapLayer, window: TileWindow) -> np.ndarray:
     settings.setBackgroundColor(QColor(0, 0, 0, 0))
     settings.setFlag(QgsMapSettings.Flag.DrawLabeling, False)
     settings.setFlag(QgsMapSettings.Flag.Antialiasing, False)
-    job = QgsMapRendererParallelJob(settings)
-    job.start()
-    job.waitForFinished()
-    image = job.renderedImage().convertToFormat(QImage.Format.Format_RGBA8888)
+    # Rendered in this thread: a parallel job would wait for the global thread pool, whose
+    # threads may all be held by our own request tasks waiting for replies that only this
+    # (blocked) GUI thread can deliver, a deadlock once tiles outnumber the pool's threads.
+    image = QImage(QSize(window.width, window.height), QImage.Format.Format_ARGB32_Premultiplied)
+    image.fill(Qt.GlobalColor.transparent)
+    painter = QPainter(image)
+    try:
+        QgsMapRendererCustomPainterJob(settings, painter).renderSynchronously()
+    finally:
+        painter.end()
+    image = image.convertToFormat(QImage.Format.Format_RGBA8888)
     if image.width() != window.width or image.height() != window.height:
         raise RuntimeError(f"QGIS rendered {image.width()} x {image.height()} pixels for a "
                            f"{window.width} x {window.height} window")

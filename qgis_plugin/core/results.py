@@ -15,6 +15,7 @@ from qgis.core import (
     QgsGeometry,
     QgsJsonUtils,
     QgsProject,
+    QgsRectangle,
     QgsVectorFileWriter,
     QgsVectorLayer,
     QgsWkbTypes,
@@ -52,6 +53,106 @@ def geometries_from_collection(collection: dict[str, Any]) -> list[QgsGeometry]:
                                                             "features": collection["features"]}),
                                                 QgsFields())
     return [f.geometry() for f in features]
+
+
+def merge_tile_results(tiles: list[tuple[dict[str, Any], QgsRectangle | None]]
+                       ) -> dict[str, Any]:
+    """One FeatureCollection from per-tile FeatureCollections in one CRS.
+
+    Each tile's polygons are clipped to its core (None: the whole tile is its core; see
+    ``tiles.tiles_and_cores_over_extent``), then polygons of different tiles that share an
+    edge across a seam are dissolved, so an object cut by tile edges becomes one polygon.
+    Cores meet exactly, so no tolerance is needed. A merged polygon keeps the properties of
+    its largest piece, with the ``score`` weighted by the pieces' areas.
+
+    Polygons inside their core that touch no other tile's polygon are passed through
+    untouched: GEOS overlays may move a vertex by a unit in the last place, and the
+    backend's coordinates are exact.
+    """
+    pieces: list[_Piece] = []
+    crs = None
+    for tile, (collection, core) in enumerate(tiles):
+        crs = crs or collection.get("crs")
+        clip = QgsGeometry.fromRect(core) if core is not None else None
+        for geometry, feature in zip(geometries_from_collection(collection),
+                                     collection["features"]):
+            clipped = clip is not None and not core.contains(geometry.boundingBox())
+            if clipped:
+                geometry = geometry.intersection(clip)
+            if geometry.isEmpty() or geometry.area() <= 0:
+                continue
+            pieces.append(_Piece(tile, geometry, feature, untouched=not clipped))
+    for piece in pieces:
+        piece.neighbours = [other for other in pieces if piece.shares_edge_with(other)]
+    merged = [piece.feature_dict() for piece in pieces if not piece.neighbours]
+    for group in _seam_groups(pieces):
+        merged.extend(_dissolve(group))
+    out: dict[str, Any] = {"type": "FeatureCollection", "features": merged}
+    if crs is not None:
+        out["crs"] = crs
+    return out
+
+
+class _Piece:
+    """One tile's polygon (clipped to the tile's core if it crossed it)."""
+
+    def __init__(self, tile: int, geometry: QgsGeometry, feature: dict[str, Any],
+                 untouched: bool):
+        self.tile, self.geometry, self.feature, self.untouched = tile, geometry, feature, untouched
+        self.properties = dict(feature.get("properties") or {})
+        self.box = geometry.boundingBox()
+        self.neighbours: list[_Piece] = []  # other tiles' pieces sharing an edge with this one
+
+    def shares_edge_with(self, other: _Piece) -> bool:
+        if other.tile == self.tile or not self.box.intersects(other.box):
+            return False
+        common = self.geometry.intersection(other.geometry)
+        return common.length() > 0 or common.area() > 0
+
+    def feature_dict(self) -> dict[str, Any]:
+        if self.untouched:
+            return self.feature
+        return {"type": "Feature", "geometry": json.loads(self.geometry.asJson(17)),
+                "properties": self.properties}
+
+
+def _seam_groups(pieces: list[_Piece]) -> list[list[_Piece]]:
+    """Connected groups of pieces that share seam edges (``_Piece.neighbours``)."""
+    groups, seen = [], set()
+    for piece in pieces:
+        if not piece.neighbours or id(piece) in seen:
+            continue
+        group, stack = [], [piece]
+        seen.add(id(piece))
+        while stack:
+            current = stack.pop()
+            group.append(current)
+            for other in current.neighbours:
+                if id(other) not in seen:
+                    seen.add(id(other))
+                    stack.append(other)
+        groups.append(group)
+    return groups
+
+
+def _dissolve(group: list[_Piece]) -> list[dict[str, Any]]:
+    """The union of a seam group as features (usually one polygon)."""
+    union = QgsGeometry.unaryUnion([piece.geometry for piece in group])
+    out = []
+    for part in union.asGeometryCollection():
+        if QgsWkbTypes.geometryType(part.wkbType()) != QgsWkbTypes.PolygonGeometry:
+            continue  # a clip can leave a line where a polygon touched a cut line
+        shares = [(part.intersection(p.geometry).area(), p.properties) for p in group
+                  if p.box.intersects(part.boundingBox())]
+        shares = [(area, props) for area, props in shares if area > 0]
+        properties = dict(max(shares, key=lambda share: share[0])[1]) if shares else {}
+        scored = [(area, props["score"]) for area, props in shares
+                  if isinstance(props.get("score"), (int, float))]
+        if scored:
+            properties["score"] = sum(a * v for a, v in scored) / sum(a for a, _ in scored)
+        out.append({"type": "Feature", "geometry": json.loads(part.asJson(17)),
+                    "properties": properties})
+    return out
 
 
 def to_layer_features(collection: dict[str, Any], source_crs: QgsCoordinateReferenceSystem,

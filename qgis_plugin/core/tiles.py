@@ -90,15 +90,34 @@ def tiles_over_extent(crs: str, extent: tuple[float, float, float, float], pixel
                       tile_px: int, overlap_px: int = 64) -> list[TileWindow]:
     """Windows of at most ``tile_px`` covering ``extent`` (xmin, ymin, xmax, ymax), row-major,
     overlapping by ``overlap_px`` so that objects on a seam appear whole in one tile."""
+    return [window for window, _ in tiles_and_cores_over_extent(crs, extent, pixel_size,
+                                                                tile_px, overlap_px)]
+
+
+def tiles_and_cores_over_extent(crs: str, extent: tuple[float, float, float, float],
+                                pixel_size: float, tile_px: int, overlap_px: int = 64
+                                ) -> list[tuple[TileWindow, tuple[float, float, float, float]]]:
+    """:func:`tiles_over_extent` with each window's *core* (xmin, ymin, xmax, ymax).
+
+    A core is its window less half the overlap on each side shared with a neighbour: the
+    cores partition the covered grid, so polygons clipped to their tile's core meet their
+    neighbours' exactly on the cut lines (both sides compute a cut from the same integer
+    pixel position, hence the same float)."""
     xmin, ymin, xmax, ymax = extent
     total_w = max(1, math.ceil((xmax - xmin) / pixel_size))
     total_h = max(1, math.ceil((ymax - ymin) / pixel_size))
     step = max(1, tile_px - overlap_px)
-    windows = []
-    for row in range(0, max(1, total_h - overlap_px), step):
-        for col in range(0, max(1, total_w - overlap_px), step):
+    col_starts = list(range(0, max(1, total_w - overlap_px), step))
+    row_starts = list(range(0, max(1, total_h - overlap_px), step))
+    col_cuts = [0, *(c + overlap_px // 2 for c in col_starts[1:]), total_w]
+    row_cuts = [0, *(r + overlap_px // 2 for r in row_starts[1:]), total_h]
+    out = []
+    for i, row in enumerate(row_starts):
+        for j, col in enumerate(col_starts):
             width, height = min(tile_px, total_w - col), min(tile_px, total_h - row)
-            windows.append(TileWindow(crs=crs, x0=xmin + col * pixel_size,
-                                      y0=ymax - row * pixel_size, pixel_size=pixel_size,
-                                      width=width, height=height))
-    return windows
+            window = TileWindow(crs=crs, x0=xmin + col * pixel_size, y0=ymax - row * pixel_size,
+                                pixel_size=pixel_size, width=width, height=height)
+            core = (xmin + col_cuts[j] * pixel_size, ymax - row_cuts[i + 1] * pixel_size,
+                    xmin + col_cuts[j + 1] * pixel_size, ymax - row_cuts[i] * pixel_size)
+            out.append((window, core))
+    return out

@@ -1,11 +1,11 @@
 """Processing algorithm "Segment by text prompt": an instruction, tiled over an extent.
 
-The text engine (``unigeoseg``) is a later backend feature: today the backend says so in its
-``hello`` (``engines.unigeoseg.available`` false, with a reason), and this algorithm stops with
-that reason before reading any pixel.
+It needs the backend's text engine (``unigeoseg``, a model given to ``serve --model``); a
+backend without one says so in its ``hello`` (``engines.unigeoseg.available`` false, with a
+reason), and this algorithm stops with that reason before reading any pixel.
 
-Each tile is segmented on its own: an object cut by a tile edge comes back as one polygon per
-tile (merging across tiles is a later concern).
+Each tile is segmented on its own; the tiles abut on the raster grid, and at the end polygons
+cut by tile edges are merged back into one (``core.results.merge_tile_results``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from qgis.core import (
 )
 
 from ..core.raster_window import RasterWindowError, read_window
+from ..core.results import merge_tile_results
 from ..core.settings import PluginSettings
 from ..unigeoseg_protocol.errors import RemoteError
 from ..unigeoseg_protocol.params import MAX_TEXT_CHARS, Prompt, SegmentOptions
@@ -55,9 +56,8 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
             "Task: 'referring' (the instruction names the objects) or 'reasoning' (it needs "
             "reasoning to find them). The extent (default: the whole raster) is cut into tiles "
             "of 'Tile size' pixels at the raster's native resolution, clipped to the raster; "
-            "each tile is segmented on its own, so an object cut by a tile edge gives one "
-            "polygon per tile (they are not merged yet). Polygons are written in the raster's "
-            "CRS.\n\n"
+            "each tile is segmented on its own and polygons cut by tile edges are merged back "
+            "into one. Polygons are written in the raster's CRS.\n\n"
             "The text engine is not part of the current backend version: the algorithm then "
             "stops with the backend's explanation. Use 'Segment by points' meanwhile.")
 
@@ -111,40 +111,41 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
                 raise QgsProcessingException("The extent does not overlap the raster.")
             sink, dest_id, fields = self.open_sink(parameters, context)
             prompt = Prompt(text=text, task=task)
-            written = 0
             feedback.pushInfo(f"{len(windows)} tile(s) of at most {tile_px} px")
+            tile_results = []
             for index, (col0, row0, width, height) in enumerate(windows):
                 if feedback.isCanceled():
                     break
                 try:
-                    written += self._segment_tile(session, sink, fields, parameters, prompt,
-                                                  options, (col0, row0, width, height),
-                                                  feedback)
+                    result = self._segment_tile(session, parameters, prompt, options,
+                                                (col0, row0, width, height), feedback)
                 except Cancelled:
                     break
+                if result is not None:
+                    tile_results.append((result["features"], None))
                 feedback.setProgress(100.0 * (index + 1) / len(windows))
+        # The tiles abut on the raster grid: objects cut by a tile edge are merged back.
+        merged = merge_tile_results(tile_results)
+        features = features_from_result({"features": merged}, fields, self._layer_name)
+        self.write(sink, features, parameters)
         if feedback.isCanceled():
-            feedback.pushInfo("Cancelled: the output holds the polygons written so far")
-        feedback.pushInfo(f"{written} polygon(s) written")
+            feedback.pushInfo("Cancelled: the output holds the polygons of the tiles done")
+        feedback.pushInfo(f"{len(features)} polygon(s) written")
         return {self.OUTPUT: dest_id}
 
-    def _segment_tile(self, session, sink, fields, parameters, prompt, options, tile,
-                      feedback) -> int:
-        """Segment one tile; the number of polygons written (0 when skipped)."""
+    def _segment_tile(self, session, parameters, prompt, options, tile, feedback):
+        """Segment one tile: the backend's result, or None when the tile is skipped."""
         col0, row0, width, height = tile
         try:
             window = read_window(self._layer, self._grid, col0, row0, width, height,
                                  provider=self._provider, feedback=feedback)
         except RasterWindowError as exc:
             feedback.reportError(f"Tile at pixel ({col0}, {row0}): {exc}; skipped", False)
-            return 0
+            return None
         try:
-            result = session.segment(window, prompt, options)
+            return session.segment(window, prompt, options)
         except RemoteError as exc:
             if str(exc.code) in SKIPPABLE_CODES:
                 feedback.pushInfo(f"Tile at pixel ({col0}, {row0}): {exc.message}; skipped")
-                return 0
+                return None
             raise QgsProcessingException(remote_error_message(exc, session.address)) from exc
-        features = features_from_result(result, fields, self._layer_name)
-        self.write(sink, features, parameters)
-        return len(features)

@@ -31,6 +31,24 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """The tiny UniGeoSeg (seeded random weights) in the released layout, written by the
+    backend's Python: a text engine for ``serve --model``."""
+    path = tmp_path_factory.mktemp("models") / "unigeoseg-tiny-sparseconv"
+    script = textwrap.dedent(f"""
+        import torch
+        from unigeoseg_backend.model.checkpoint import save_released
+        from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
+        from unigeoseg_backend.model.unigeoseg import UniGeoSeg
+        torch.manual_seed(0)
+        model = UniGeoSeg(get_config("unigeoseg-tiny-sparseconv")).eval()
+        save_released(model, tiny_tokenizer(), {str(path)!r})
+    """)
+    subprocess.run([backend_python(), "-c", script], check=True, timeout=300)
+    return path
+
+
 def tiny_args(checkpoint: Path) -> list[str]:
     """``serve`` arguments for the tiny SAM on the CPU."""
     return ["--sam-type", "tiny", "--sam-checkpoint", str(checkpoint), "--device", "cpu"]

@@ -71,3 +71,25 @@ def test_session_prompts_undo_and_object_keys():
     assert not session.undo()
     with pytest.raises(ValueError):
         session.add_point(0.0, 0.0, 2)
+
+
+def test_tile_cores_partition_the_extent_and_meet_exactly():
+    from qgis_plugin.core.tiles import tiles_and_cores_over_extent
+
+    tiles = tiles_and_cores_over_extent("EPSG:3857", (10.0, 20.0, 2510.3, 1220.0), 0.3, 1024, 64)
+    total = 0.0
+    for window, (xmin, ymin, xmax, ymax) in tiles:
+        wx0, wy0, wx1, wy1 = window.extent
+        assert wx0 <= xmin < xmax <= wx1 + 1e-9 and wy0 - 1e-9 <= ymin < ymax <= wy1
+        total += (xmax - xmin) * (ymax - ymin)
+    cores = [core for _, core in tiles]
+    xs = sorted({c[0] for c in cores} | {c[2] for c in cores})
+    ys = sorted({c[1] for c in cores} | {c[3] for c in cores})
+    # Neighbours' cut lines are the same floats: the grid has one x per cut, no near-copies.
+    columns, rows = len({w.x0 for w, _ in tiles}), len({w.y0 for w, _ in tiles})
+    assert (columns, rows) == (9, 5)
+    assert len(xs) == len({round(x, 6) for x in xs}) == columns + 1
+    assert len(ys) == len({round(y, 6) for y in ys}) == rows + 1
+    assert total == pytest.approx((xs[-1] - xs[0]) * (ys[-1] - ys[0]), rel=1e-12)
+    assert [w for w, _ in tiles] == tiles_over_extent("EPSG:3857", (10.0, 20.0, 2510.3, 1220.0),
+                                                      0.3, 1024, 64)

@@ -227,6 +227,56 @@ def test_accepted_polygons_land_on_the_raster_grid(plugin, raster, qgis_iface, q
         {tuple(np.round(v, decimals)) for v in direct_vertices}
 
 
+@pytest.fixture(scope="module")
+def text_backend(tmp_path_factory, tiny_checkpoint, tiny_text_model):
+    """A backend with the tiny SAM and the tiny UniGeoSeg text engine."""
+    from tests.conftest import start_backend
+    from tests.qgis.conftest import _stop, tiny_args
+
+    process = start_backend(tmp_path_factory.mktemp("text-backend"),
+                            *tiny_args(tiny_checkpoint), "--model", str(tiny_text_model))
+    yield process
+    _stop(process)
+
+
+def test_a_text_prompt_gives_polygons_merged_across_tiles_on_the_render_grid(
+        plugin_on, text_backend, raster, qgis_iface, qtbot, tmp_path):
+    plugin = plugin_on(text_backend.address)
+    # The offscreen canvas renders about 100 x 100 px: small tiles give several seams.
+    plugin.settings.tile_px = 80
+    canvas = qgis_iface.mapCanvas()
+    target = _prepare(plugin, canvas, raster, tmp_path, UTM, UTM)
+    extent, resolution = canvas.mapSettings().visibleExtent(), canvas.mapUnitsPerPixel()
+    dock = plugin.dock
+    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("referring"))
+    dock.text_edit.setText("the yellow roof")
+    dock.text_edit.returnPressed.emit()
+    run = plugin.controller._text_run
+    assert run is not None and run.pending > 1
+    qtbot.waitUntil(lambda: run.pending == 0, timeout=120000)
+    pieces = sum(len(collection["features"]) for collection, _ in run.tiles)
+
+    _key(plugin, Qt.Key.Key_Return)
+    features = list(target.getFeatures())
+    assert 0 < len(features) <= pieces
+    assert {(f["engine"], f["task"], f["prompt"]) for f in features} == \
+        {("unigeoseg", "referring", "the yellow roof")}
+    assert features[0]["model"] == "unigeoseg-tiny-sparseconv"
+    geometries = [f.geometry() for f in features]
+    # Merged across seams: no two polygons share an edge or overlap ...
+    for i, a in enumerate(geometries):
+        for b in geometries[i + 1:]:
+            if a.boundingBox().intersects(b.boundingBox()):
+                common = a.intersection(b)
+                assert common.area() == 0 and common.length() == 0
+    # ... and every vertex lies on the grid the canvas was rendered on.
+    vertices = np.array([(v.x(), v.y()) for g in geometries for v in g.vertices()])
+    cols = (vertices[:, 0] - extent.xMinimum()) / resolution
+    rows = (extent.yMaximum() - vertices[:, 1]) / resolution
+    np.testing.assert_allclose(cols, np.round(cols), atol=1e-6)
+    np.testing.assert_allclose(rows, np.round(rows), atol=1e-6)
+
+
 def test_later_clicks_reuse_the_tile_and_undo_works(plugin, raster, qgis_iface, qtbot, tmp_path,
                                                     backend):
     from qgis_plugin.unigeoseg_protocol.client import Client
