@@ -171,6 +171,39 @@ def test_strip_shapes_are_checked():
     assert sp.finish() == []
 
 
+@pytest.mark.parametrize("threaded", [False, True])
+def test_strip_vectorizer_writes_in_order_and_reraises_the_threads_errors(threaded):
+    # On a GPU the whole-raster CLI vectorizes on a thread of its own: same polygons, same
+    # order, and an error there stops the run instead of being lost.
+    from unigeoseg_backend.cli.predict_raster import _StripVectorizer
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((60, 50)) < 0.45
+    cuts = [12, 24, 36, 48]
+    reference = _by_strips(mask, UTM, cuts)
+    written = []
+    bounds = [0, *cuts, 60]
+    heights = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    with _StripVectorizer(StripPolygonizer(UTM, 50, heights),
+                          lambda regions, tag: written.extend((r.polygon, tag) for r in regions),
+                          ("same",), threaded) as vectorizer:
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            vectorizer.feed(mask[a:b])
+        vectorizer.finish()
+    assert [tag for _, tag in written] == ["same"] * len(written)
+    assert [p.wkt for p, _ in written] == [p.wkt for p in reference]
+
+    def failing(regions, tag):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"), \
+            _StripVectorizer(StripPolygonizer(UTM, 50, heights), failing, ("x",),
+                             threaded) as vectorizer:
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            vectorizer.feed(mask[a:b])
+        vectorizer.finish()
+
+
 # -- the CLI on a GeoTIFF ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

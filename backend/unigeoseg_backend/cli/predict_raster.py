@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -121,8 +122,11 @@ def run_predict_raster(args: argparse.Namespace) -> int:
             stages = _StageTimes()
             batches = [tiles[b0:b0 + args.batch_size]
                        for b0 in range(0, len(tiles), args.batch_size)]
+            on_gpu = engine.device.type == "cuda"
             with _progress(len(tiles), disabled=args.no_progress) as bar, \
-                    _BatchReader(dataset, bands, engine.device.type == "cuda") as reader:
+                    _BatchReader(dataset, bands, on_gpu) as reader, \
+                    _StripVectorizer(polygonizer, writer.add, (base, scores, row_bounds,
+                                                               col_bounds), on_gpu) as vectorizer:
                 reader.start(batches[0])
                 for index, batch in enumerate(batches):
                     with stages.timing("read"):  # only the wait, when the reader runs ahead
@@ -142,14 +146,13 @@ def run_predict_raster(args: argparse.Namespace) -> int:
                         scores[tile.row, tile.col] = score
                         left_in_row[tile.row] -= 1
                         bar.update(1)
-                    with stages.timing("vectorize"):
+                    with stages.timing("vectorize"):  # inline, or waiting for the thread
                         while next_row in left_in_row and left_in_row[next_row] == 0:
-                            regions = polygonizer.feed(strips.pop(next_row))
-                            writer.add(regions, base, scores, row_bounds, col_bounds)
+                            vectorizer.feed(strips.pop(next_row))
                             next_row += 1
-            with stages.timing("vectorize"):
-                writer.add(polygonizer.finish(), base, scores, row_bounds, col_bounds)
-                writer.commit()
+                with stages.timing("vectorize"):
+                    vectorizer.finish()
+            writer.commit()
         elapsed = time.perf_counter() - start
     print(f"{writer.count} polygon(s) written to {output} ({len(tiles)} tiles in "
           f"{elapsed:.1f} s, {len(tiles) / max(elapsed, 1e-9):.2f} tiles/s; {stages}; model "
@@ -180,6 +183,43 @@ class _StageTimes:
 
     def __str__(self) -> str:
         return ", ".join(f"{stage} {s:.1f} s" for stage, s in self.seconds.items())
+
+
+class _StripVectorizer:
+    """Polygonizes finished strips, in order, and appends their polygons to the output: on a
+    thread of its own when the model is on a GPU (the next batches are segmented meanwhile),
+    inline on the CPU (whose cores the model already uses). At most ``max_waiting`` strips
+    wait for the thread, so memory stays bounded when vectorizing is the slower side."""
+
+    def __init__(self, polygonizer, add, add_args: tuple, threaded: bool, max_waiting: int = 2):
+        self.polygonizer, self.add, self.add_args = polygonizer, add, add_args
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vectorize") if threaded else None
+        self.waiting: deque = deque()
+        self.max_waiting = max_waiting
+
+    def __enter__(self) -> _StripVectorizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def feed(self, strip: np.ndarray) -> None:
+        if self.pool is None:
+            self._vectorize(strip)
+            return
+        while len(self.waiting) >= self.max_waiting:
+            self.waiting.popleft().result()  # re-raises the thread's error, if any
+        self.waiting.append(self.pool.submit(self._vectorize, strip))
+
+    def finish(self) -> None:
+        """Wait for every strip, then close the regions still open at the last seam."""
+        while self.waiting:
+            self.waiting.popleft().result()
+        self.add(self.polygonizer.finish(), *self.add_args)
+
+    def _vectorize(self, strip: np.ndarray) -> None:
+        self.add(self.polygonizer.feed(strip), *self.add_args)
 
 
 class _BatchReader:
