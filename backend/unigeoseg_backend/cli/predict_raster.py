@@ -10,6 +10,10 @@ merges regions across strip seams, so a region crossing tiles is one polygon, ex
 polygon of the stitched mask. Seams between tiles of one row need no merging: the strip is
 polygonised whole.
 
+With the model on a GPU, reading (one batch ahead) and vectorizing (finished strips) run on
+threads of their own, so the device is not left waiting for the disk or for GEOS; on the CPU
+they run inline. The summary line says where the time went.
+
 Polygons are appended to a GeoPackage built in a private folder next to the output, which is
 moved onto the output only once complete: an error or Ctrl+C leaves no output file (and
 removes the folder). Memory holds at most the rows of tiles in flight (a strip is one tile row
