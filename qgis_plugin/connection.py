@@ -40,6 +40,7 @@ from .unigeoseg_protocol import (
     is_final,
     request_header,
 )
+from .unigeoseg_protocol.client import CurveClientKeys
 
 ReplyCallback = Callable[[Message], None]
 ErrorCallback = Callable[[str, str], None]
@@ -89,6 +90,7 @@ class BackendConnection(QObject):
         heartbeat_s: seconds between heartbeats; the backend is declared lost after about
             two periods without an answer.
         parent: the usual Qt parent.
+        curve: CURVE keys, for a backend that requires authentication (``core/curve.py``).
 
     Signals:
         connected(dict): the ``hello`` result, on the first answered heartbeat after
@@ -100,8 +102,10 @@ class BackendConnection(QObject):
     connected = pyqtSignal(dict)
     disconnected = pyqtSignal(str)
 
-    def __init__(self, address: str, heartbeat_s: float = 2.0, parent: QObject | None = None):
+    def __init__(self, address: str, heartbeat_s: float = 2.0, parent: QObject | None = None,
+                 curve: CurveClientKeys | None = None):
         super().__init__(parent)
+        self._curve = curve
         if heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
         self._address = address
@@ -251,6 +255,10 @@ class BackendConnection(QObject):
         assert self._context is not None
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:  # before connect: the handshake uses them
+            sock.curve_serverkey = self._curve.server_public
+            sock.curve_publickey = self._curve.public
+            sock.curve_secretkey = self._curve.secret
         # ZeroMQ reports a dropped TCP session at once: a crashed backend is noticed in
         # milliseconds instead of two heartbeat periods. Heartbeats still cover a frozen one.
         try:

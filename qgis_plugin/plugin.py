@@ -142,7 +142,8 @@ class UniGeoSegPlugin:
         from .gui.map_tool import PromptMapTool
 
         canvas = self.iface.mapCanvas()
-        self.connection = BackendConnection(self.settings.backend_address)
+        self.connection = BackendConnection(self.settings.backend_address,
+                                            curve=self._curve_keys())
         self.controller = SegmentationController(canvas, self.connection, self.settings,
                                                  self._message)
         self.dock = UniGeoSegDock(self.iface.mainWindow())
@@ -174,6 +175,8 @@ class UniGeoSegPlugin:
         dock.address_edit.setText(self.settings.backend_address)
         dock.python_edit.setText(self.settings.backend_python)
         dock.args_edit.setText(self.settings.backend_args)
+        dock.server_key_edit.setText(self.settings.curve_server_public_file)
+        dock.client_key_edit.setText(self.settings.curve_client_secret_file)
         # Connected after the initial values, so that showing the panel saves nothing.
         dock.optionsChanged.connect(self._options_changed)
         dock.backendSettingsChanged.connect(self._backend_settings_changed)
@@ -195,20 +198,37 @@ class UniGeoSegPlugin:
         address = self.dock.address_edit.text().strip()
         self.settings.backend_python = self.dock.python_edit.text().strip()
         self.settings.backend_args = self.dock.args_edit.text().strip()
-        changed = address and address != self.settings.backend_address
+        keys = (self.dock.server_key_edit.text().strip(),
+                self.dock.client_key_edit.text().strip())
+        changed = bool(address) and (
+            address != self.settings.backend_address
+            or keys != (self.settings.curve_server_public_file,
+                        self.settings.curve_client_secret_file))
         if changed:
             self.settings.backend_address = address
+            self.settings.curve_server_public_file, self.settings.curve_client_secret_file = keys
         self.settings.save()
-        if changed:  # a new address means a new connection
+        if changed:  # a new address or new keys mean a new connection
             self.connection.close()
             self.connection.deleteLater()
             from .connection import BackendConnection
 
-            self.connection = BackendConnection(address)
+            self.connection = BackendConnection(address, curve=self._curve_keys())
             self.controller.connection = self.connection
             self.connection.connected.connect(self._on_connected)
             self.connection.disconnected.connect(self._on_disconnected)
             self.connection.open()
+
+    def _curve_keys(self):
+        """The CURVE keys of the settings (None: none set, or unusable, which is said)."""
+        from .core.curve import CurveKeyError, curve_keys
+
+        try:
+            return curve_keys(self.settings)
+        except CurveKeyError as exc:
+            self._message(f"{exc}; connecting without authentication",
+                          Qgis.MessageLevel.Warning)
+            return None
 
     # ------------------------------------------------------------------ dependencies
 

@@ -21,6 +21,9 @@ class PluginSettings:
     ground_resolution: float = 0.0    # map units per pixel; 0 = native (files) / canvas (online)
     simplify: float = 0.0             # map units of the tile CRS
     min_area: float = 0.0             # square map units of the tile CRS
+    # CURVE authentication, for a backend that listens beyond this machine (both or neither):
+    curve_server_public_file: str = ""  # the backend's public certificate (server.key)
+    curve_client_secret_file: str = ""  # this analyst's certificate with its secret key
 
     @classmethod
     def load(cls, settings: QgsSettings | None = None) -> PluginSettings:

@@ -100,6 +100,17 @@ class UniGeoSegDock(QDockWidget):
         self.args_edit = QLineEdit()
         self.args_edit.setPlaceholderText("--sam-checkpoint /path/sam_vit_b_01ec64.pth")
         backend_form.addRow("serve options", self.args_edit)
+        # CURVE authentication, needed for a backend beyond this machine (both or neither).
+        self.server_key_edit = QLineEdit()
+        self.server_key_edit.setPlaceholderText("/path/to/server.key (optional)")
+        self.server_key_edit.setToolTip("The backend's public CURVE certificate, for a backend "
+                                        "that requires authentication")
+        backend_form.addRow("Backend key", self.server_key_edit)
+        self.client_key_edit = QLineEdit()
+        self.client_key_edit.setPlaceholderText("/path/to/analyst.key_secret (optional)")
+        self.client_key_edit.setToolTip("Your CURVE certificate with its secret key; its public "
+                                        "half must be in the backend's authorised folder")
+        backend_form.addRow("Your key", self.client_key_edit)
         layout.addWidget(backend_box)
 
         buttons = QHBoxLayout()
@@ -126,7 +137,8 @@ class UniGeoSegDock(QDockWidget):
         self.simplify_spin.valueChanged.connect(self.optionsChanged)
         self.min_area_spin.valueChanged.connect(self.optionsChanged)
         self.resolution_spin.valueChanged.connect(self.optionsChanged)
-        for edit in (self.address_edit, self.python_edit, self.args_edit):
+        for edit in (self.address_edit, self.python_edit, self.args_edit,
+                     self.server_key_edit, self.client_key_edit):
             edit.editingFinished.connect(self.backendSettingsChanged)
 
     @property

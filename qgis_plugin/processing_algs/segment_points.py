@@ -119,13 +119,13 @@ class BackendSession:
     :data:`POLL_S`; a cancelled request is cancelled on the backend too (``cancel`` op).
     """
 
-    def __init__(self, address: str, feedback, timeout_s: float):
+    def __init__(self, address: str, feedback, timeout_s: float, curve=None):
         self.address = address
         self.feedback = feedback
         self.timeout_s = timeout_s
         client_class = load_client_class()
         try:
-            self.client = client_class(address, timeout_s=timeout_s)
+            self.client = client_class(address, timeout_s=timeout_s, curve=curve)
         except Exception as exc:  # noqa: BLE001 - zmq.ZMQError for a malformed address
             raise QgsProcessingException(
                 f"Invalid backend address {address!r} ({exc}): use e.g. "
@@ -349,9 +349,17 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
         return address or PluginSettings.load().backend_address
 
     def open_session(self, parameters, context, feedback) -> BackendSession:
+        load_client_class()  # says clearly when pyzmq is missing
+        from ..core.curve import CurveKeyError, curve_keys
+
         settings = PluginSettings.load()
         timeout = settings.request_timeout_s if settings.request_timeout_s > 0 else 120.0
-        return BackendSession(self.backend_address(parameters, context), feedback, timeout)
+        try:
+            curve = curve_keys(settings)  # the panel's keys (Backend key, Your key)
+        except CurveKeyError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        return BackendSession(self.backend_address(parameters, context), feedback, timeout,
+                              curve)
 
     def open_sink(self, parameters, context):
         fields = output_fields()

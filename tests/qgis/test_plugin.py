@@ -70,18 +70,22 @@ def raster(tmp_path, request) -> QgsRasterLayer:
 
 @pytest.fixture
 def plugin_on(qgis_iface, qtbot):
-    """Call with a backend address: the plugin loaded, panel open, connected; unloaded after."""
+    """Call with a backend address (and settings to override): the plugin loaded, panel open,
+    connected (unless ``wait_connected=False``); unloaded after."""
     import qgis_plugin
 
     started = []
 
-    def start(address: str):
+    def start(address: str, wait_connected: bool = True, **settings):
         instance = qgis_plugin.classFactory(qgis_iface)
         instance.settings.backend_address = address
+        for name, value in settings.items():
+            setattr(instance.settings, name, value)
         instance.initGui()
         started.append(instance)
         assert instance.show_panel()
-        qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
+        if wait_connected:
+            qtbot.waitUntil(lambda: instance.connection.is_connected, timeout=30000)
         return instance
 
     yield start
@@ -275,6 +279,58 @@ def test_a_text_prompt_gives_polygons_merged_across_tiles_on_the_render_grid(
     rows = (extent.yMaximum() - vertices[:, 1]) / resolution
     np.testing.assert_allclose(cols, np.round(cols), atol=1e-6)
     np.testing.assert_allclose(rows, np.round(rows), atol=1e-6)
+
+
+@pytest.fixture
+def curve_backend(tmp_path, tiny_backend_factory):
+    """A backend that requires CURVE: (backend, its public key file, an authorised analyst's
+    secret key file, a stranger's secret key file)."""
+    import zmq.auth
+
+    folders = {name: tmp_path / name for name in ("server", "authorised", "strangers")}
+    for folder in folders.values():
+        folder.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(folders["server"], "server")
+    _, analyst_secret = zmq.auth.create_certificates(folders["authorised"], "analyst")
+    _, stranger_secret = zmq.auth.create_certificates(folders["strangers"], "stranger")
+    config = tmp_path / "serve.toml"
+    config.write_text(f'curve_server_secret_file = "{server_secret}"\n'
+                      f'curve_authorized_clients_dir = "{folders["authorised"]}"\n')
+    return (tiny_backend_factory("--config", str(config)), server_public, analyst_secret,
+            stranger_secret)
+
+
+def test_the_plugin_authenticates_to_a_curve_backend_with_the_analysts_keys(
+        plugin_on, curve_backend, qtbot):
+    backend, server_public, analyst_secret, stranger_secret = curve_backend
+    plugin = plugin_on(backend.address, curve_server_public_file=str(server_public),
+                       curve_client_secret_file=str(analyst_secret))
+    assert plugin.connection.hello_info["authenticated"] is True
+
+    # The analyst switches to a stranger's key in the panel: a new connection, which the
+    # backend refuses (it never answers), and the panel is told.
+    try:
+        plugin.dock.client_key_edit.setText(str(stranger_secret))
+        plugin.dock.client_key_edit.editingFinished.emit()
+        assert plugin.settings.curve_client_secret_file == str(stranger_secret)
+        with qtbot.waitSignal(plugin.connection.disconnected, timeout=30000) as blocker:
+            pass
+        assert "answer" in blocker.args[0] and not plugin.connection.is_connected
+    finally:  # the panel saved the keys in the profile: leave it as other tests expect
+        plugin.settings.curve_server_public_file = plugin.settings.curve_client_secret_file = ""
+        plugin.settings.save()
+
+
+def test_unusable_curve_settings_are_named():
+    from qgis_plugin.core.curve import CurveKeyError, curve_keys
+    from qgis_plugin.core.settings import PluginSettings
+
+    assert curve_keys(PluginSettings()) is None
+    with pytest.raises(CurveKeyError, match="needs both"):
+        curve_keys(PluginSettings(curve_server_public_file="/a/server.key"))
+    with pytest.raises(CurveKeyError, match="cannot read the backend's public key"):
+        curve_keys(PluginSettings(curve_server_public_file="/nonexistent/server.key",
+                                  curve_client_secret_file="/nonexistent/me.key_secret"))
 
 
 def test_later_clicks_reuse_the_tile_and_undo_works(plugin, raster, qgis_iface, qtbot, tmp_path,
