@@ -196,6 +196,29 @@ def test_failed_samples_are_retried_on_resume(tmp_path, loaded, tiny_model_dir):
     assert doc["metrics"]["overall"]["failed"] == 0
 
 
+def test_rsvg_scores_the_box_of_the_largest_component(tmp_path, loaded, tiny_model_dir):
+    from unigeoseg_backend.errors import InvalidInputError
+    from unigeoseg_backend.evaluation.metrics import largest_component_box
+
+    sample = _sample(1, Task.REFERRING, shape=(40, 70))
+    masks, boxes = [], []
+    Evaluator(loaded, workers=0).run([(0, sample)], 1, masks.extend)
+    Evaluator(loaded, workers=0, box_predictions=True).run([(0, sample)], 1, boxes.extend)
+    prepared = Evaluator(loaded, workers=0).prepare(0, sample)
+    (prediction,) = Evaluator(loaded, workers=0).predict(
+        [prepared], [build_prompt("referring", sample.instruction, loaded.tokenizer)])
+    box = largest_component_box(prediction.mask)
+    assert not np.array_equal(box, prediction.mask)  # the random model's mask is no box
+    assert (boxes[0].intersection, boxes[0].union) == intersection_union(box, prepared.target)
+    assert (masks[0].intersection, masks[0].union) == intersection_union(
+        prediction.mask, prepared.target)
+
+    # A folder scored with masks is not resumed with boxes.
+    _run(_settings(tmp_path), _listing(2), loaded, tiny_model_dir)
+    with pytest.raises(InvalidInputError, match="box_predictions"):
+        _run(_settings(tmp_path, box_predictions=True), _listing(2), loaded, tiny_model_dir)
+
+
 def test_another_evaluation_in_the_folder_is_refused_unless_restart(tmp_path, loaded,
                                                                     tiny_model_dir):
     from unigeoseg_backend.errors import InvalidInputError

@@ -154,3 +154,29 @@ def test_by_task_keeps_order_and_adds_overall():
     assert out["overall"].union == 7
     with pytest.raises(ValueError):
         summarize_by_task(["a"], [], ())
+
+
+def test_rsvg_boxes_the_largest_8_connected_component_like_the_official_code():
+    from unigeoseg_backend.evaluation.metrics import largest_component_box
+
+    mask = np.zeros((12, 14), bool)
+    mask[1:3, 1:4] = True                      # 6 px
+    mask[5, 5] = mask[6, 6] = mask[7, 7] = True  # a diagonal: one 8-connected component of 3
+    mask[8:12, 9:11] = True                    # 8 px, the largest
+    mask[4, 12] = True
+    box = largest_component_box(mask)
+    expected = np.zeros_like(mask)
+    expected[8:12, 9:11] = True
+    assert np.array_equal(box, expected)
+
+    diagonal = np.zeros((6, 6), bool)
+    diagonal[[1, 2, 3], [1, 2, 3]] = True      # 8-connected: one component, box 3 x 3
+    assert largest_component_box(diagonal)[1:4, 1:4].all()
+    assert largest_component_box(diagonal).sum() == 9
+
+    tie = np.zeros((6, 8), bool)
+    tie[4:6, 0:2] = True                       # 4 px, first pixel at row 4
+    tie[0:2, 6:8] = True                       # 4 px, first pixel at row 0: labelled first
+    assert np.array_equal(np.argwhere(largest_component_box(tie)),
+                          np.argwhere(tie & (np.arange(8) >= 6)[None, :]))
+    assert not largest_component_box(np.zeros((5, 5), bool)).any()

@@ -58,6 +58,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="PNG overlays of the N lowest-IoU samples (default 8, 0 for none)")
     p.add_argument("--native-resolution", action="store_true",
                    help="also report the metrics at the original image resolution")
+    p.add_argument("--rsvg", action="store_true",
+                   help="score the bounding box of each prediction's largest 8-connected "
+                        "component instead of the mask (the official --rsvg, for box ground "
+                        "truths such as RSVG-DIOR; Pr@0.5 is then Acc@0.5)")
     p.add_argument("--mask-rule", choices=["official", "robust"], default="official",
                    help="how mask pixels become foreground: official (each dataset's rule in "
                         "the released code) or robust (any value above half scale)")
@@ -102,7 +106,8 @@ def run_eval(args: argparse.Namespace) -> int:
             dataset=args.dataset, root=args.root, split=args.split, out=args.out,
             task=args.task, mask_rule=args.mask_rule, batch_size=args.batch_size,
             limit=args.limit, worst=args.worst, native_resolution=args.native_resolution,
-            restart=args.restart, workers=args.workers, progress=not args.no_progress)
+            box_predictions=args.rsvg, restart=args.restart, workers=args.workers,
+            progress=not args.no_progress)
         document = evaluate(settings, listing, model_dir,
                             lambda: load_released(model_dir, device=device, dtype=dtype),
                             device, dtype, world)

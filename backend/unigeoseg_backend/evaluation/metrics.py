@@ -75,6 +75,39 @@ def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
+def largest_component_box(mask: np.ndarray) -> np.ndarray:
+    """The official ``--rsvg`` transform (``eval.py: get_bounding_box_mask``): the filled
+    bounding box of the mask's largest 8-connected component; an empty mask stays empty.
+
+    Ties keep the component cv2.connectedComponentsWithStats labels first, the one whose first
+    pixel comes first in row-major order. Components come from GDAL's polygonizer (8-connected),
+    whose polygon area in pixel units is the component's pixel count.
+    """
+    import rasterio.features
+    import shapely.geometry
+
+    mask = np.asarray(mask, dtype=bool)
+    best: list[shapely.geometry.base.BaseGeometry] = []
+    best_area = 0.0
+    for geometry, _ in rasterio.features.shapes(mask.astype(np.uint8), mask=mask,
+                                                connectivity=8):
+        polygon = shapely.geometry.shape(geometry)
+        if polygon.area > best_area:
+            best, best_area = [polygon], polygon.area
+        elif polygon.area == best_area:
+            best.append(polygon)
+    box = np.zeros_like(mask)
+    if not best:
+        return box
+    if len(best) > 1:  # rare: label order decides, as in cv2
+        first = [int(np.argmax(rasterio.features.rasterize([p], out_shape=mask.shape).ravel()))
+                 for p in best]
+        best = [best[int(np.argmin(first))]]
+    x0, y0, x1, y1 = (int(round(v)) for v in best[0].bounds)
+    box[y0:y1, x0:x1] = True
+    return box
+
+
 def intersection_union(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
     """Foreground ``(|pred and target|, |pred or target|)`` of two equal-shape bool masks."""
     if pred.shape != target.shape:

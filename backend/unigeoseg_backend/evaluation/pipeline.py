@@ -70,6 +70,7 @@ class EvalSettings:
         limit: evaluate only the first ``limit`` samples of the listing.
         worst: how many overlays of the lowest-IoU samples to draw.
         native_resolution: also score at the mask's own resolution.
+        box_predictions: score the box of each prediction's largest component (``--rsvg``).
         restart: discard earlier rows in ``out`` instead of resuming.
         workers: reader threads per process.
         progress: show a progress bar (rank 0).
@@ -85,6 +86,7 @@ class EvalSettings:
     limit: int | None = None
     worst: int = 8
     native_resolution: bool = False
+    box_predictions: bool = False
     restart: bool = False
     workers: int = 2
     progress: bool = True
@@ -103,6 +105,7 @@ def manifest(settings: EvalSettings, model_path: Path, dtype: torch.dtype) -> di
     return {"dataset": settings.dataset, "root": str(Path(settings.root).resolve()),
             "split": settings.split, "task": settings.task, "mask_rule": settings.mask_rule,
             "native_resolution": settings.native_resolution,
+            "box_predictions": settings.box_predictions,
             "model_path": str(Path(model_path).resolve()), "dtype": _dtype_name(dtype)}
 
 
@@ -141,7 +144,8 @@ def _selection_info(settings: EvalSettings, listing: DatasetListing,
     return {"dataset": settings.dataset, "root": str(Path(settings.root).resolve()),
             "split": settings.split, "task": settings.task, "mask_rule": settings.mask_rule,
             "samples_listed": len(listing.samples), "selected": selected,
-            "limit": settings.limit, "native_resolution": settings.native_resolution}
+            "limit": settings.limit, "native_resolution": settings.native_resolution,
+            "box_predictions": settings.box_predictions}
 
 
 def evaluate(settings: EvalSettings, listing: DatasetListing, model_path: Path,
@@ -172,7 +176,8 @@ def evaluate(settings: EvalSettings, listing: DatasetListing, model_path: Path,
     load_start = time.perf_counter()
     loaded = load_model()
     load_seconds = time.perf_counter() - load_start
-    evaluator = Evaluator(loaded, settings.native_resolution, settings.workers)
+    evaluator = Evaluator(loaded, settings.native_resolution, settings.workers,
+                          box_predictions=settings.box_predictions)
     fresh: list[SampleRow] = []
     loop_start = time.perf_counter()
     path = out / (shard_name(world.rank) if world.distributed else ROWS)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..datasets.base import Sample
 from ..model.preprocess import PIXEL_MEAN, PIXEL_STD, Letterbox, letterbox_image, logits_to_tile
 from ..model.prompting import Prompt, build_prompt
-from .metrics import intersection_union, letterbox_mask
+from .metrics import intersection_union, largest_component_box, letterbox_mask
 from .records import SampleRow, failure_text
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,14 @@ class Evaluator:
         loaded: a ``model.checkpoint.LoadedModel`` already on its device and dtype.
         native_resolution: also score the prediction at the mask's own resolution.
         workers: threads that read and letterbox samples ahead (0: read inline).
+        box_predictions: score the box of each prediction's largest 8-connected component
+            instead of the mask (the official ``--rsvg``, for box ground truths such as
+            RSVG-DIOR); at native resolution too.
     """
 
-    def __init__(self, loaded: Any, native_resolution: bool = False, workers: int = 2):
+    def __init__(self, loaded: Any, native_resolution: bool = False, workers: int = 2,
+                 box_predictions: bool = False):
+        self.box_predictions = box_predictions
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.size = int(self.model.config.image_size)
@@ -154,6 +159,8 @@ class Evaluator:
         full = F.interpolate(logits.float(), size=(self.size, self.size), mode="bilinear",
                              align_corners=False)
         masks = (full[:, 0] > 0).cpu().numpy()
+        if self.box_predictions:
+            masks = [largest_component_box(m) for m in masks]
         return [Prediction(prepared=p, mask=masks[i], logits=logits[i, 0])
                 for i, p in enumerate(batch)]
 
@@ -173,6 +180,8 @@ class Evaluator:
             height, width = prepared.native_target.shape
             box = dataclasses.replace(prepared.box, height=height, width=width)
             native_mask = (logits_to_tile(prediction.logits, box) > 0).cpu().numpy()
+            if self.box_predictions:
+                native_mask = largest_component_box(native_mask)
             native = intersection_union(native_mask, prepared.native_target)
         sample = prepared.sample
         return SampleRow(index=prepared.index, sample_id=sample.sample_id,
