@@ -175,7 +175,7 @@ def test_strip_shapes_are_checked():
 def test_strip_vectorizer_writes_in_order_and_reraises_the_threads_errors(threaded):
     # On a GPU the whole-raster CLI vectorizes on a thread of its own: same polygons, same
     # order, and an error there stops the run instead of being lost.
-    from unigeoseg_backend.cli.predict_raster import _StripVectorizer
+    from unigeoseg_backend.cli.predict_raster import _Lane, _StripVectorizer
 
     rng = np.random.default_rng(4)
     mask = rng.random((60, 50)) < 0.45
@@ -184,9 +184,11 @@ def test_strip_vectorizer_writes_in_order_and_reraises_the_threads_errors(thread
     written = []
     bounds = [0, *cuts, 60]
     heights = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    with _StripVectorizer(StripPolygonizer(UTM, 50, heights),
-                          lambda regions, tag: written.extend((r.polygon, tag) for r in regions),
-                          ("same",), threaded) as vectorizer:
+    with _Lane("vectorize", threaded) as lane:
+        vectorizer = _StripVectorizer(
+            StripPolygonizer(UTM, 50, heights),
+            lambda regions, tag: written.extend((r.polygon, tag) for r in regions), ("same",),
+            lane)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             vectorizer.feed(mask[a:b])
         vectorizer.finish()
@@ -196,9 +198,8 @@ def test_strip_vectorizer_writes_in_order_and_reraises_the_threads_errors(thread
     def failing(regions, tag):
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"), \
-            _StripVectorizer(StripPolygonizer(UTM, 50, heights), failing, ("x",),
-                             threaded) as vectorizer:
+    with pytest.raises(RuntimeError, match="disk full"), _Lane("vectorize", threaded) as lane:
+        vectorizer = _StripVectorizer(StripPolygonizer(UTM, 50, heights), failing, ("x",), lane)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             vectorizer.feed(mask[a:b])
         vectorizer.finish()

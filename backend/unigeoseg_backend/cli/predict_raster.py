@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,15 +128,15 @@ def run_predict_raster(args: argparse.Namespace) -> int:
                        for b0 in range(0, len(tiles), args.batch_size)]
             on_gpu = engine.device.type == "cuda"
             with _progress(len(tiles), disabled=args.no_progress) as bar, \
-                    _BatchReader(dataset, bands, on_gpu) as reader, \
-                    _StripVectorizer(polygonizer, writer.add, (base, scores, row_bounds,
-                                                               col_bounds), on_gpu) as vectorizer:
-                reader.start(batches[0])
+                    _Lane("read", on_gpu) as reader, _Lane("vectorize", on_gpu) as lane:
+                vectorizer = _StripVectorizer(polygonizer, writer.add,
+                                              (base, scores, row_bounds, col_bounds), lane)
+                pending = reader.submit(_read_batch, dataset, batches[0], bands)
                 for index, batch in enumerate(batches):
                     with stages.timing("read"):  # only the wait, when the reader runs ahead
-                        pixels = reader.result()
+                        pixels = pending.result()
                     if index + 1 < len(batches):
-                        reader.start(batches[index + 1])
+                        pending = reader.submit(_read_batch, dataset, batches[index + 1], bands)
                     with stages.timing("segment"):
                         results = list(_segment_batch(pixels, engine, prompt))
                     for tile, (mask, score) in zip(batch, results, strict=True):
@@ -189,32 +189,44 @@ class _StageTimes:
         return ", ".join(f"{stage} {s:.1f} s" for stage, s in self.seconds.items())
 
 
-class _StripVectorizer:
-    """Polygonizes finished strips, in order, and appends their polygons to the output: on a
-    thread of its own when the model is on a GPU (the next batches are segmented meanwhile),
-    inline on the CPU (whose cores the model already uses). At most ``max_waiting`` strips
-    wait for the thread, so memory stays bounded when vectorizing is the slower side."""
+class _Lane:
+    """Runs calls in order on one worker: a thread of its own when ``threaded`` (the model is
+    on a GPU, and the calls overlap its work), else inline (on the CPU the model's threads
+    already use every core, and another thread only contends with them). ``submit`` returns
+    a Future either way; inline, an error is raised at once."""
 
-    def __init__(self, polygonizer, add, add_args: tuple, threaded: bool, max_waiting: int = 2):
-        self.polygonizer, self.add, self.add_args = polygonizer, add, add_args
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vectorize") if threaded else None
-        self.waiting: deque = deque()
-        self.max_waiting = max_waiting
+    def __init__(self, name: str, threaded: bool) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name) if threaded else None
 
-    def __enter__(self) -> _StripVectorizer:
+    def __enter__(self) -> _Lane:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
+    def submit(self, fn, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+class _StripVectorizer:
+    """Polygonizes finished strips, in order, and appends their polygons to the output, on
+    ``lane``. At most ``max_waiting`` strips wait for a threaded lane, so memory stays bounded
+    when vectorizing is the slower side."""
+
+    def __init__(self, polygonizer, add, add_args: tuple, lane: _Lane, max_waiting: int = 2):
+        self.polygonizer, self.add, self.add_args = polygonizer, add, add_args
+        self.lane, self.max_waiting = lane, max_waiting
+        self.waiting: deque[Future] = deque()
+
     def feed(self, strip: np.ndarray) -> None:
-        if self.pool is None:
-            self._vectorize(strip)
-            return
         while len(self.waiting) >= self.max_waiting:
             self.waiting.popleft().result()  # re-raises the thread's error, if any
-        self.waiting.append(self.pool.submit(self._vectorize, strip))
+        self.waiting.append(self.lane.submit(self._vectorize, strip))
 
     def finish(self) -> None:
         """Wait for every strip, then close the regions still open at the last seam."""
@@ -226,40 +238,11 @@ class _StripVectorizer:
         self.add(self.polygonizer.feed(strip), *self.add_args)
 
 
-class _BatchReader:
-    """Reads batches of tiles: on a thread that runs ahead by one batch when the model is on a
-    GPU (reading overlaps the device's work), inline on the CPU (where the model's threads
-    already use every core and a reader thread only contends with them).
-
-    The reader is the only user of ``dataset`` while it is open."""
-
-    def __init__(self, dataset, bands, prefetch: bool) -> None:
-        self.dataset, self.bands = dataset, bands
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="read") if prefetch else None
-        self.pending = None
-
-    def __enter__(self) -> _BatchReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def start(self, batch) -> None:
-        if self.pool is not None:
-            self.pending = self.pool.submit(_read_batch, self.dataset, batch, self.bands)
-        else:
-            self.pending = _read_batch(self.dataset, batch, self.bands)
-
-    def result(self) -> list[tuple[np.ndarray | None, np.ndarray]]:
-        return self.pending.result() if self.pool is not None else self.pending
-
-
 def _read_batch(dataset, batch, bands) -> list[tuple[np.ndarray | None, np.ndarray]]:
     """(RGB uint8 or None, valid-pixel mask) of each tile of ``batch``; the RGB is None for a
     tile with no valid pixel (its mask is then all False).
 
-    Runs in :class:`_BatchReader`."""
+    Runs on the read lane, the only user of ``dataset`` while the loop runs."""
     from ..geo.pixels import to_rgb8
     from ..geo.raster_io import read_tile
 
