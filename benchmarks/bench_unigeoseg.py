@@ -28,6 +28,9 @@ from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
 from unigeoseg_backend.model.unigeoseg import UniGeoSeg
 from unigeoseg_backend.runtime import device_info, select_device
 
+#: Untimed steps first: CUDA graphs capture a shape on its second use (cuda_graphs.py).
+WARMUP_STEPS = 2
+
 
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
@@ -43,7 +46,7 @@ def bench(model: UniGeoSeg, tokenizer, batch: int, repeats: int) -> dict:
     prompts = [build_prompt("referring", "the warehouse with the blue roof next to the rail yard",
                             tokenizer)] * batch
     vision_s, language_s, decoder_s, total_s = [], [], [], []
-    for step in range(repeats + 1):
+    for step in range(repeats + WARMUP_STEPS):
         synchronise(device)
         start = time.perf_counter()
         vision = model.encode_images(images)
@@ -53,8 +56,8 @@ def bench(model: UniGeoSeg, tokenizer, batch: int, repeats: int) -> dict:
         model.segment(vision, prompts, timings)
         synchronise(device)
         end = time.perf_counter()
-        if step == 0:
-            continue  # warm-up: allocations, kernel selection
+        if step < WARMUP_STEPS:
+            continue  # allocations, kernel selection, and CUDA graph capture
         vision_s.append(encoded - start)
         language_s.append(timings["language_s"])
         decoder_s.append(timings["decoder_s"])

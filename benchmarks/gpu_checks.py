@@ -72,7 +72,7 @@ def check_tiny(tokenizer) -> None:
     shared = [prompts[0]] * 3
     eager = forward(model, images, shared)
     model.enable_cuda_graphs()
-    graphed = [forward(model, images, shared) for _ in range(3)]  # capture, then replays
+    graphed = [forward(model, images, shared) for _ in range(3)]  # eager, capture, replay
     captures = model.cuda_graphs.captures
     diff = max((g - eager).abs().max().item() for g in graphed)
     # Not bit for bit: under capture transformers builds an explicit attention mask and
@@ -94,8 +94,8 @@ def check_full_size(tokenizer) -> None:
     model.to(torch.bfloat16)
     bf16 = forward(model, images, [prompt] * 2)
     model.enable_cuda_graphs()
-    forward(model, images, [prompt] * 2)  # captures
-    graphed = forward(model, images, [prompt] * 2)  # replays
+    forward(model, images, [prompt] * 2)  # first use of each shape: eager
+    graphed = forward(model, images, [prompt] * 2)  # second use: captured, then replayed
     relative = ((bf16 - fp32).norm() / fp32.norm()).item()
     iou = mask_iou(bf16, fp32)
     graph_relative = ((graphed - bf16).norm() / bf16.norm()).item()

@@ -75,9 +75,6 @@ class CudaGraphCache:
         self._calls: OrderedDict[Hashable, int] = OrderedDict()  # of keys not captured yet
         self.captures = 0  #: graphs captured so far (a benchmark reads it)
 
-    def __len__(self) -> int:
-        return len(self._graphs)
-
     def run(self, key: Hashable, fn: Callable[..., Sequence[Tensor]],
             inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """``fn(*inputs)`` through the graph captured for ``key`` (captured on first use).
