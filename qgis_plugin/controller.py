@@ -336,12 +336,7 @@ class SegmentationController(QObject):
         merged across the seams (``results.merge_tile_results``)."""
         if run is not self._text_run:
             return  # a newer text request, or the result was accepted or cleared
-        collection = message.header["result"]["features"]
-        run.tiles.append((collection, core))
-        if self.session.result is None:
-            self.session.result = {**collection, "features": list(collection["features"])}
-        else:
-            self.session.result["features"].extend(collection["features"])
+        run.tiles.append((message.header["result"]["features"], core))
         self._text_tile_done(run)
 
     def _on_text_error(self, run: _TextRun, code: str, text: str) -> None:
@@ -350,9 +345,13 @@ class SegmentationController(QObject):
         self._on_error(code, text)
 
     def _text_tile_done(self, run: _TextRun) -> None:
+        """The preview: the tiles' polygons as they are, then merged once all have answered."""
         run.pending -= 1
-        if run.pending == 0 and run.tiles:
-            self.session.result = results.merge_tile_results(run.tiles)
+        if run.tiles:
+            first, _ = run.tiles[0]
+            self.session.result = (
+                results.merge_tile_results(run.tiles) if run.pending == 0 else
+                {**first, "features": [f for tile, _ in run.tiles for f in tile["features"]]})
         self._refresh_overlays()
 
     def _on_error(self, code: str, text: str) -> None:
