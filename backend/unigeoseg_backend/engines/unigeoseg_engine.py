@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 TASKS = ("referring", "reasoning", "interactive")
 
 
+def _check_rgb(rgb: np.ndarray) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 tile, got {rgb.shape} {rgb.dtype}")
+
+
 def model_dtype(device: torch.device) -> torch.dtype:
     """The dtype the engine runs in: bfloat16 on CUDA (as the released model), else float32."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -109,8 +114,7 @@ class UniGeoSegEngine:
 
     def encode(self, rgb: np.ndarray) -> UniGeoSegEmbedding:
         """Run the image side on an H x W x 3 uint8 RGB tile."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"encode expects H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
+        _check_rgb(rgb)
         image, box = letterbox_image(rgb, self.image_size)
         with torch.inference_mode():
             vision = self.model.encode_images(image[None].to(self.device))
@@ -130,8 +134,7 @@ class UniGeoSegEngine:
         if prompt.task not in ("referring", "reasoning") or not prompt.text:
             raise InvalidInputError("batched tiles take a referring or reasoning text prompt")
         for rgb in tiles:
-            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-                raise ValueError(f"tiles must be H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
+            _check_rgb(rgb)
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, rgb in enumerate(tiles):
             groups.setdefault(rgb.shape, []).append(index)
