@@ -128,6 +128,7 @@ class UniGeoSeg(nn.Module):
         for name, parameter in heads.named_parameters(recurse=False):
             self.register_parameter(name, parameter)
         object.__setattr__(self, "heads", heads)
+        self._graphs: CudaGraphCache | None = None  # enable_cuda_graphs()
 
     @property
     def device(self) -> torch.device:
@@ -149,7 +150,7 @@ class UniGeoSeg(nn.Module):
 
     @property
     def cuda_graphs(self) -> CudaGraphCache | None:
-        return getattr(self, "_graphs", None)
+        return self._graphs
 
     def _maybe_graphed(self, key: tuple, fn, inputs: list[Tensor]) -> tuple[Tensor, ...]:
         graphs = self.cuda_graphs
