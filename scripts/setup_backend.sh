@@ -12,6 +12,11 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
+# The distribution used to be called unigeoseg-qgis; two editable installs of the same packages
+# would both own bin/unigeoseg.
+if "$VENV/bin/python" -m pip show --quiet unigeoseg-qgis >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip uninstall --quiet --yes unigeoseg-qgis
+fi
 "$VENV/bin/python" -m pip install --quiet --editable ".${EXTRAS}"
 "$VENV/bin/python" -c "import torch, torchvision, segment_anything, rasterio, zmq; \
 print('backend venv ready: torch', torch.__version__, '| CUDA', torch.cuda.is_available())"
