@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of docs/performance.md, in one run on a lent GPU machine.
+# Every GPU check and benchmark of docs/performance.md, in one run on a GPU machine.
 #
-# The machine has torch/transformers but not the geospatial wheels: carry them in .whl/
-# (see docs/performance.md, "GPU"). Logs go to $OUT (default /tmp/gpu-out). BATCHES and SIZES
-# override the benchmarks' batch sizes and raster sides; SKIP_PYTEST=1 skips the test run.
+# The GPU machine had torch and transformers but not the geospatial packages. Put their wheels,
+# with every dependency (they are installed with --no-deps, from no index), for that machine's
+# Python in .whl/ (git ignores it) and copy it there with the checkout, e.g.
+#   pip download --only-binary=:all: --python-version 3.X --dest .whl rasterio pyogrio shapely pyproj
+# The scripts import the checkout's backend/ and trainer/ directly (no install). Logs go to $OUT
+# (default /tmp/gpu-out). BATCHES and SIZES override the benchmarks' batch sizes and raster
+# sides; SKIP_PYTEST=1 skips the test run.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
