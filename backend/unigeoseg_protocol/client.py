@@ -9,12 +9,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zmq
 
+from .curve import CurveClientKeys
 from .errors import ErrorCode, ProtocolError, RemoteError, RequestTimeout
 from .messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -28,18 +28,11 @@ from .params import Georeference, Prompt, RasterOptions, SegmentOptions
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["DEFAULT_ADDRESS", "Client", "CurveClientKeys", "ProgressCallback", "new_request_id"]
+
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5557"
 
 ProgressCallback = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class CurveClientKeys:
-    """Z85-encoded CURVE keys: the server's public key and this client's key pair."""
-
-    server_public: bytes
-    public: bytes
-    secret: bytes
 
 
 def new_request_id() -> str:

@@ -27,6 +27,12 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "shutting_down"            #: the backend is stopping
     INTERNAL = "internal"                      #: a bug; the backend log has the traceback
 
+    # Raised by clients, never sent by a backend (with TIMEOUT, CANCELLED and INVALID_ARGUMENT,
+    # which clients raise too: a local deadline, a local cancel, params that cannot be encoded).
+    CLOSED = "closed"                          #: the client was closed, or never opened
+    BACKEND_LOST = "backend_lost"              #: the backend stopped answering or went away
+    SEND_FAILED = "send_failed"                #: the request could not be queued for sending
+
     def __str__(self) -> str:
         return self.value
 

@@ -8,13 +8,12 @@ Coordinates are map coordinates (``x`` east / ``y`` north for projected CRSs, ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ErrorCode, ProtocolError
+from .vocabulary import ENGINES, TASKS, TEXT_TASKS, default_task
 
-TASKS = ("interactive", "referring", "reasoning")
-ENGINES = ("sam", "unigeoseg")
 MAX_TEXT_CHARS = 2000
 MAX_POINTS = 256
 
@@ -102,8 +101,7 @@ class Prompt:
     def __post_init__(self) -> None:
         if self.task is None:
             geometric = bool(self.points) or self.box is not None
-            object.__setattr__(self, "task",
-                               "interactive" if geometric and not self.text else "referring")
+            object.__setattr__(self, "task", default_task(geometric, bool(self.text)))
         if self.points and not self.labels:  # points without labels are foreground clicks
             object.__setattr__(self, "labels", (1,) * len(self.points))
         if len(self.labels) != len(self.points):
@@ -145,14 +143,13 @@ class Prompt:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT,
                                 "the prompt is empty: give points, a box or a text instruction")
         has_geometry = bool(parsed_points) or box is not None
-        default_task = "interactive" if has_geometry and not text else "referring"
-        task = value.get("task", default_task)
+        task = value.get("task", default_task(has_geometry, bool(text)))
         if task not in TASKS:
             raise _invalid(f"prompt.task must be one of {TASKS}, got {task!r}")
         if task == "interactive" and not parsed_points and box is None:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT,
                                 "an interactive prompt needs points or a box")
-        if task in ("referring", "reasoning") and not text:
+        if task in TEXT_TASKS and not text:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT, f"a {task} prompt needs a text instruction")
         return cls(points=tuple(parsed_points), labels=tuple(int(lb) for lb in labels),
                    box=box, text=text, task=task,
@@ -270,11 +267,3 @@ class RasterOptions:
             wire["nodata"] = self.nodata
         return wire
 
-
-@dataclass
-class Tile:
-    """Pixels (``H x W`` or ``H x W x C``) plus their georeference and raster options."""
-
-    pixels: Any
-    georeference: Georeference
-    raster: RasterOptions = field(default_factory=RasterOptions)
