@@ -27,13 +27,10 @@ from unigeoseg_backend.errors import WeightsError
 from unigeoseg_backend.model.checkpoint import (
     LoadedModel,
     clear_cache,
-    fuse_qkv,
     load_released,
-    read_release_config,
     save_released,
-    to_release_state_dict,
 )
-from unigeoseg_backend.model.language import split_fused_qkv
+from unigeoseg_backend.model.conversion import fuse_qkv, model_to_released, split_fused_qkv
 from unigeoseg_backend.model.manifest import load_manifest, manifest_tensors
 from unigeoseg_backend.model.prompting import (
     PAD_TOKEN,
@@ -43,6 +40,7 @@ from unigeoseg_backend.model.prompting import (
     seg_token_id,
 )
 from unigeoseg_backend.model.registry import get_config, official_config
+from unigeoseg_backend.model.release_config import read_release_config
 from unigeoseg_backend.model.swin import relative_position_index
 from unigeoseg_backend.model.unigeoseg import UniGeoSeg
 
@@ -89,6 +87,15 @@ def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert list(ba) == list(bb)
     for name in ba:
         assert torch.equal(ba[name], bb[name]), name
+
+
+def assert_parameters_are_the_saved_tensors(model: torch.nn.Module) -> None:
+    """Each parameter has one name, and parameters plus persistent buffers are the state
+    dict: what an optimizer or DDP sees is what is saved."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    assert len({id(p) for _, p in named}) == len(named)
+    buffers = {n for n, _ in model.named_buffers()}
+    assert {n for n, _ in named} == set(model.state_dict()) - buffers
 
 
 def shard_of(folder: Path, name: str) -> Path:
@@ -152,7 +159,7 @@ def test_saved_layout_is_the_released_one(saved_tiny):
     assert "model.layers.0.self_attn.query_key_value.weight" in names
     assert "model.layers.1.self_attn.query_key_value.bias" in names
     assert not any(".q_proj." in n or ".k_proj." in n or ".v_proj." in n for n in names)
-    assert names == set(to_release_state_dict(model.state_dict(), 4))
+    assert names == set(model_to_released(model.state_dict(), 4))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and all(s.endswith(f"-of-{len(shards):05d}.safetensors")
                                     for s in shards)
@@ -201,10 +208,7 @@ def test_tiny_round_trip_is_exact(name, tmp_path, tokenizer):
     assert loaded.config == model.config
     assert not loaded.model.training
     assert_same_model(model, loaded.model)
-    assert loaded.model.heads.global_latents is loaded.model.global_latents
-    assert loaded.model.heads.seg_query is loaded.model.seg_query
-    registered = {id(p) for p in loaded.model.parameters()}
-    assert all(id(p) in registered for p in loaded.model.heads.parameters())
+    assert_parameters_are_the_saved_tensors(loaded.model)
     assert seg_token_id(loaded.tokenizer) == seg_token_id(tokenizer)
 
     # same predictions end to end (image side, Phi, heads, mask decoder)
@@ -260,8 +264,9 @@ def test_split_qkv_names_load_too(saved_tiny, tmp_path):
     for file in work.glob("*.safetensors"):
         file.unlink()
     (work / INDEX).unlink()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(work / "model.safetensors"))
+    split = model_to_released(model.state_dict(), 4, fused_qkv=False)
+    assert "model.layers.0.self_attn.q_proj.weight" in split and "ref_attn.query" in split
+    save_file({k: v.contiguous() for k, v in split.items()}, str(work / "model.safetensors"))
     assert_same_model(model, load_released(work).model)
 
 
@@ -566,11 +571,11 @@ def _full_size_check(tmp_path: Path) -> None:
         # zero missing / unexpected: the model's state dict in the released naming is the manifest
         meta = {n: torch.empty(t.shape, dtype=t.dtype, device="meta")
                 for n, t in model.state_dict().items()}
-        released = to_release_state_dict(meta, num_heads=32)
+        released = model_to_released(meta, num_heads=32)
         assert set(released) == set(specs)
         assert all(tuple(released[n].shape) == specs[n][0] for n in specs)
         assert {p.dtype for p in model.parameters()} == {torch.float32}
-        assert model.heads.global_latents is model.global_latents
+        assert_parameters_are_the_saved_tensors(model)
 
         # values: fused q/k/v rows (per-head interleaved), a bf16 tensor, buffers, connector
         attn = model.model.layers[3].self_attn
@@ -583,7 +588,7 @@ def _full_size_check(tmp_path: Path) -> None:
                                fused_w[base + 64:base + 128])
             assert torch.equal(attn.v_proj.bias[64 * h:64 * (h + 1)],
                                fused_b[base + 128:base + 192])
-        state = model.state_dict()
+        state = model_to_released(model.state_dict(), num_heads=32, fused_qkv=False)
         for name, value in {**probes, **connector_probes[variant]}.items():
             if name.startswith("model.layers."):
                 continue  # checked above, in the split naming

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unigeoseg_backend.model.checkpoint import load_released, save_released
+from unigeoseg_backend.model.conversion import released_name
 from unigeoseg_backend.model.heads import HeadsConfig
 from unigeoseg_backend.model.mask_decoder import MaskDecoderConfig
 from unigeoseg_backend.model.pixel_decoder import PixelDecoderConfig
@@ -82,15 +83,23 @@ def register_config() -> None:
     MODEL_CONFIGS[ARCH] = official_shaped_config
 
 
+def released_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters under their released module names (``ref_attn.query``, not
+    ``heads.ref_attn.query``), sorted: the names the golden file's seeds were drawn from."""
+    return sorted((released_name(name), p) for name, p in model.named_parameters())
+
+
 def randomize_(model: nn.Module, seed: int = SEED) -> None:
     """Deterministic weights that depend only on parameter names and shapes (not on module
-    order or init code): one ``torch.randn`` stream per parameter, seeded from its name."""
+    order or init code): one ``torch.randn`` stream per parameter, seeded from its released
+    name."""
     owners = {}
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(recurse=False):
-            owners[f"{module_name}.{name}" if module_name else name] = module
+            full = f"{module_name}.{name}" if module_name else name
+            owners[released_name(full)] = module
     with torch.no_grad():
-        for name, parameter in sorted(model.named_parameters()):
+        for name, parameter in released_parameters(model):
             generator = torch.Generator().manual_seed(seed * 4_294_967_296
                                                       + zlib.crc32(name.encode()))
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
@@ -105,7 +114,7 @@ def randomize_(model: nn.Module, seed: int = SEED) -> None:
 
 def parameter_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
-    for name, parameter in sorted(model.named_parameters()):
+    for name, parameter in released_parameters(model):
         tensor = parameter.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())

@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from unigeoseg_backend.model.conversion import released_to_model
 from unigeoseg_backend.model.manifest import manifest_tensors
 from unigeoseg_backend.model.preprocess import letterbox_image, logits_to_tile
 from unigeoseg_backend.model.prompting import build_prompt, interactive_instruction
 from unigeoseg_backend.model.registry import MODEL_CONFIGS, get_config, tiny_tokenizer
-from unigeoseg_backend.model.unigeoseg import (
-    UniGeoSeg,
-    UniGeoSegConfig,
-    convert_released_state_dict,
-)
+from unigeoseg_backend.model.unigeoseg import UniGeoSeg, UniGeoSegConfig
 
 
 @pytest.mark.parametrize("name, variant", [("unigeoseg-official-sparseconv", "SparseConv_1"),
@@ -25,7 +22,7 @@ def test_the_released_checkpoint_names_map_exactly_onto_the_model(name, variant)
         model = UniGeoSeg(get_config(name))
         released = {key: torch.empty(shape, dtype=getattr(torch, dtype))
                     for key, (shape, dtype, _) in manifest_tensors(variant).items()}
-    converted = convert_released_state_dict(released, num_heads=32)
+    converted = released_to_model(released, num_heads=32)
     ours = model.state_dict()
     assert sorted(converted) == sorted(ours)
     mismatched = [k for k in ours if converted[k].shape != ours[k].shape
@@ -33,11 +30,12 @@ def test_the_released_checkpoint_names_map_exactly_onto_the_model(name, variant)
     assert mismatched == []
 
 
-def test_the_heads_container_shares_the_registered_parameters():
+def test_the_heads_are_one_registered_module():
     model = UniGeoSeg(get_config("unigeoseg-tiny-sparseconv"))
-    assert model.heads.global_latents is model.global_latents
-    assert model.heads.ref_attn is model.ref_attn
-    assert "heads" not in dict(model.named_children())
+    assert dict(model.named_children())["heads"] is model.heads
+    names = dict(model.named_parameters())
+    assert names["heads.global_latents"] is model.heads.global_latents
+    assert names["heads.ref_attn.query"] is model.heads.ref_attn.query
 
 
 @pytest.fixture(scope="module")

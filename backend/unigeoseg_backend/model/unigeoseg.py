@@ -1,8 +1,9 @@
 """UniGeoSeg assembled: Swin-B + connector + Phi-1.5 + TATE/LKM/SEG heads + Mask2Former.
 
-The module tree reproduces the released checkpoint's names exactly (``model.vision_tower``,
-``model.mm_projector``, ``model.layers``, ``lm_head``, ``pixel_decoder``, ``predictor`` and
-the heads at the top level), so a converted state dict loads with ``strict=True``.
+The module tree follows the released checkpoint's names (``model.vision_tower``,
+``model.mm_projector``, ``model.layers``, ``lm_head``, ``pixel_decoder``, ``predictor``),
+except that the task heads, top-level there, are one ``heads`` module here; ``conversion.py``
+maps the names both ways, so a released state dict loads with ``strict=True``.
 
 Inference is split in two, so that several prompts on one tile run the image side once (the
 official code runs Swin twice per forward):
@@ -19,16 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
 from .connector import CompressionConnector, MultiScaleCompressionConnector
 from .cuda_graphs import CudaGraphCache
 from .heads import HeadsConfig, UniGeoSegHeads
-from .language import (
-    build_language_model,
-    convert_phi_state_dict,
-    extract_language_state,
-    phi_config_from_official,
-)
+from .language import build_language_model, phi_config_from_official
 from .mask_decoder import MaskDecoderConfig, SingleQueryMaskDecoder
 from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderConfig
 from .prompting import (
@@ -38,7 +35,7 @@ from .prompting import (
     SEG_TOKEN_INDEX,
     Prompt,
 )
-from .swin import SwinBackbone, SwinConfig
+from .swin import SwinBackbone, SwinConfig, WindowAttention, relative_position_index
 
 #: Phi-1.5 as UniGeoSeg's checkpoint config.json describes it (vocabulary with [PAD], [SEG]).
 PHI_1_5 = {"vocab_size": 50297, "hidden_size": 2048, "intermediate_size": 8192,
@@ -119,16 +116,22 @@ class UniGeoSeg(nn.Module):
         self.lm_head = language.lm_head
         self.pixel_decoder = MSDeformAttnPixelDecoder(config.pixel_decoder)
         self.predictor = SingleQueryMaskDecoder(config.mask_decoder)
-        heads = UniGeoSegHeads(config.heads)
-        # The checkpoint keeps the heads at the top level: register the container's children
-        # and parameters here, and keep the container (unregistered) for its methods, which
-        # use these very module and parameter objects.
-        for name, child in heads.named_children():
-            self.add_module(name, child)
-        for name, parameter in heads.named_parameters(recurse=False):
-            self.register_parameter(name, parameter)
-        object.__setattr__(self, "heads", heads)
+        self.heads = UniGeoSegHeads(config.heads)
         self._graphs: CudaGraphCache | None = None  # enable_cuda_graphs()
+
+    @torch.no_grad()
+    def compute_buffers(self) -> None:
+        """Recompute the buffers that follow from the config: Swin's relative position
+        indices and Phi's rotary frequencies. A model built on the meta device (as the loader
+        builds it, to take no memory before the weights are read) has no values for them."""
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.relative_position_index.copy_(relative_position_index(module.window_size))
+            elif isinstance(module, PhiRotaryEmbedding):
+                with torch.device("cpu"):
+                    fresh = PhiRotaryEmbedding(module.config)  # a few numbers, on the CPU
+                module.inv_freq.copy_(fresh.inv_freq)
+                module.original_inv_freq.copy_(fresh.original_inv_freq)
 
     @property
     def device(self) -> torch.device:
@@ -317,14 +320,6 @@ class _StageClock:
         now = self._now()
         self.timings[name] = self.timings.get(name, 0.0) + now - self.last
         self.last = now
-
-
-def convert_released_state_dict(state: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
-    """A released checkpoint's state dict in this model's names: the language model's
-    transformers-4.36 fused attention is split; every other name is already ours."""
-    language = extract_language_state(state)
-    rest = {key: value for key, value in state.items() if key not in language}
-    return {**rest, **convert_phi_state_dict(language, num_heads=num_heads)}
 
 
 def _chunks(input_ids: list[int]) -> list[list[int]]:
