@@ -95,7 +95,7 @@ def test_batched_prompts_equal_single_prompts(tiny):
 
 
 def test_one_prompt_shared_by_a_batch_of_tiles_equals_each_tile_alone(tiny):
-    # A whole-raster run passes one Prompt object for every tile: its text is embedded once
+    # A whole-raster run passes one TokenizedPrompt object for every tile: its text is embedded once
     # and the batch runs unpadded with one SEG-query call.
     model, tokenizer = tiny
     tiles = [letterbox_image(_tile(96 + 8 * i, 128), size=model.config.image_size)[0]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..datasets.base import Sample
 from ..model.preprocess import PIXEL_MEAN, PIXEL_STD, Letterbox, letterbox_image, logits_to_tile
-from ..model.prompting import Prompt, build_prompt
+from ..model.prompting import TokenizedPrompt, build_prompt
 from .metrics import intersection_union, largest_component_box, letterbox_mask
 from .records import SampleRow, failure_text
 
@@ -151,7 +151,7 @@ class Evaluator:
     # ------------------------------------------------------------------ the model
 
     @torch.inference_mode()
-    def predict(self, batch: list[Prepared], prompts: list[Prompt]) -> list[Prediction]:
+    def predict(self, batch: list[Prepared], prompts: list[TokenizedPrompt]) -> list[Prediction]:
         """One forward pass over a batch: S x S masks (official upsampling, logits > 0)."""
         images = torch.stack([p.image for p in batch])
         vision = self.model.encode_images(images)
@@ -164,7 +164,7 @@ class Evaluator:
         return [Prediction(prepared=p, mask=masks[i], logits=logits[i, 0])
                 for i, p in enumerate(batch)]
 
-    def _prompt(self, sample: Sample) -> Prompt:
+    def _prompt(self, sample: Sample) -> TokenizedPrompt:
         # Built here, on the calling thread: fast tokenizers are not safe to share between
         # threads.
         return build_prompt(sample.task, sample.instruction, self.tokenizer,
@@ -191,7 +191,7 @@ class Evaluator:
 
     def _run_batch(self, batch: list[Prepared]) -> list[SampleRow]:
         rows: list[SampleRow] = []
-        ready: list[tuple[Prepared, Prompt]] = []
+        ready: list[tuple[Prepared, TokenizedPrompt]] = []
         for prepared in batch:
             try:
                 ready.append((prepared, self._prompt(prepared.sample)))

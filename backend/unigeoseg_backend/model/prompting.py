@@ -107,7 +107,7 @@ _TEMPLATES = {
 
 
 @dataclass(frozen=True)
-class Prompt:
+class TokenizedPrompt:
     """One tokenised UniGeoSeg prompt.
 
     Attributes:
@@ -231,7 +231,7 @@ def build_prompt(
     *,
     template: PromptTemplate | str = PromptTemplate.GEOSEG_BENCH,
     answer: str | None = None,
-) -> Prompt:
+) -> TokenizedPrompt:
     """Tokenised prompt for one instruction.
 
     Args:
@@ -262,7 +262,7 @@ def build_prompt(
         answer_text = answer if answer else spec.empty_answer
         answer_ids = tokenizer.encode(answer_text, add_special_tokens=False) + [seg_id]
     coords = parse_interactive_coords(instruction) if task is Task.INTERACTIVE else None
-    return Prompt(task=task, template=template, text=text, input_ids=input_ids,
+    return TokenizedPrompt(task=task, template=template, text=text, input_ids=input_ids,
                   labels=_official_labels(text, input_ids, tokenizer), refer_ids=refer_ids,
                   answer_ids=answer_ids, dataset_type=spec.dataset_type, intera_coords=coords)
 

@@ -11,6 +11,9 @@ official code runs Swin twice per forward):
 * :meth:`UniGeoSeg.encode_images`: Swin features, visual tokens and pixel-decoder features of
   B letterboxed tiles (everything that depends on the image only);
 * :meth:`UniGeoSeg.segment`: one prompt per tile through Phi-1.5 and the mask decoder.
+
+Training runs :meth:`UniGeoSeg.forward` (both halves with autograd, every decoder stage's
+masks, the language model's logits); inference and training call the same stage methods.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from .mask_decoder import MaskDecoderConfig, SingleQueryMaskDecoder
 from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderConfig
 from .prompting import (
     ANSWER_TOKEN_INDEX,
+    IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     REFER_TOKEN_INDEX,
     SEG_TOKEN_INDEX,
-    Prompt,
+    TokenizedPrompt,
 )
 from .swin import SwinBackbone, SwinConfig, WindowAttention, relative_position_index
 
@@ -98,6 +102,50 @@ class VisionFeatures:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+#: Parameter-name prefixes that the released forward never reads (the checkpoint holds them,
+#: so they exist): see ``heads.UniGeoSegHeads`` and ``mask_decoder.SingleQueryMaskDecoder``.
+UNUSED_PARAMETERS = tuple(f"{name}." for name in (
+    "heads.ref_attn.proj", "heads.refer_pooling", "heads.reason_norm", "heads.task_embed",
+    "heads.global_projector", "predictor.query_feat", "predictor.query_embed",
+    "predictor.SEG_query_embed", "predictor.new_query_embed", "predictor.SEG_proj",
+    "predictor.CLASS_proj")) + ("heads.seg_query",)
+
+#: Name prefix -> optimizer group of ``UniGeoSeg.trainable_parameter_groups`` (first match).
+_COMPONENTS = (("model.vision_tower.", "vision_tower"), ("model.mm_projector.", "connector"),
+               ("model.", "language"), ("lm_head.", "language"),
+               ("pixel_decoder.", "pixel_decoder"), ("predictor.", "mask_decoder"),
+               ("heads.", "heads"))
+
+
+def _component(name: str) -> str:
+    return next(group for prefix, group in _COMPONENTS if name.startswith(prefix))
+
+
+#: The official ``dataset_type`` whose response is trained with next-token cross-entropy.
+LM_LOSS_DATASET_TYPE = "reason_seg"
+
+
+@dataclass
+class SegmentationOutputs:
+    """What the training forward returns.
+
+    Attributes:
+        mask_logits: one B x 1 x S/4 x S/4 map per decoder stage (the initial query, then one
+            per decoder layer: ``mask_decoder.num_layers + 1``), for deep supervision; the
+            last is the prediction. Logits at mask-feature resolution, in letterboxed
+            coordinates (the letterbox is not undone).
+        lm_logits: B x T x V logits of the language model over the padded input sequence,
+            or None when not computed.
+        lm_labels: B x T next-token targets aligned with ``lm_logits`` (``lm_labels[b, t]``
+            is the token after position t; IGNORE_INDEX = -100 where nothing is learnt:
+            prompts without answer text, the user turn, image, ``<refer>`` and padding).
+    """
+
+    mask_logits: list[Tensor]
+    lm_logits: Tensor | None
+    lm_labels: Tensor | None
+
+
 class UniGeoSeg(nn.Module):
     """The full model; see the module docstring for the two-step inference."""
 
@@ -133,6 +181,35 @@ class UniGeoSeg(nn.Module):
                 module.inv_freq.copy_(fresh.inv_freq)
                 module.original_inv_freq.copy_(fresh.original_inv_freq)
 
+    # ------------------------------------------------------------------ what trains
+
+    def set_trainable(self, *, vision_tower: bool = False) -> None:
+        """``requires_grad`` on exactly the parameters that the training forward reads.
+
+        The released recipe freezes Swin (``vision_tower=False``). The parameters in
+        :data:`UNUSED_PARAMETERS` are never read and stay frozen, so that every trainable
+        parameter gets a gradient each step (DDP needs no unused-parameter search), given
+        ``lm_head`` is used too (see ``forward``'s ``compute_lm_logits``). Train/eval
+        modes are left as they are.
+        """
+        for name, parameter in self.named_parameters():
+            frozen = name.startswith(UNUSED_PARAMETERS) or (
+                not vision_tower and name.startswith("model.vision_tower."))
+            parameter.requires_grad_(not frozen)
+
+    def trainable_parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """The parameters with ``requires_grad``, by component, for optimizer groups.
+
+        Groups: ``language`` (Phi-1.5 and ``lm_head``), ``vision_tower``, ``connector``,
+        ``pixel_decoder``, ``mask_decoder`` (``predictor.*``), ``heads``; empty groups are
+        left out. Each value maps parameter names (as in ``state_dict``) to parameters.
+        """
+        groups: dict[str, dict[str, nn.Parameter]] = {}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault(_component(name), {})[name] = parameter
+        return groups
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
@@ -156,8 +233,10 @@ class UniGeoSeg(nn.Module):
         return self._graphs
 
     def _maybe_graphed(self, key: tuple, fn, inputs: list[Tensor]) -> tuple[Tensor, ...]:
+        """``fn(*inputs)``, replayed as a CUDA graph when graphs are on. A graph replays under
+        inference mode (no autograd), so with gradients enabled (training) it runs eagerly."""
         graphs = self.cuda_graphs
-        if graphs is None or not inputs[0].is_cuda:
+        if graphs is None or not inputs[0].is_cuda or torch.is_grad_enabled():
             return tuple(fn(*inputs))
         return graphs.run((*key, self.dtype), fn, inputs)
 
@@ -166,13 +245,16 @@ class UniGeoSeg(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> VisionFeatures:
         """B x 3 x S x S letterboxed, normalised tiles -> :class:`VisionFeatures`."""
-        size = self.config.image_size
-        if images.ndim != 4 or images.shape[1:] != (3, size, size):
-            raise ValueError(f"expected B x 3 x {size} x {size} images, got {tuple(images.shape)}")
-        images = images.to(device=self.device, dtype=self.dtype)
+        images = self._checked_images(images)
         res5, visual_tokens, mask_features, *multi_scale = self._maybe_graphed(
             ("vision", images.shape[0]), self._encode_flat, [images])
         return VisionFeatures(res5, visual_tokens, mask_features, multi_scale)
+
+    def _checked_images(self, images: Tensor) -> Tensor:
+        size = self.config.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise ValueError(f"expected B x 3 x {size} x {size} images, got {tuple(images.shape)}")
+        return images.to(device=self.device, dtype=self.dtype)
 
     def _encode_flat(self, images: Tensor) -> tuple[Tensor, ...]:
         features = self.model.vision_tower(images)
@@ -183,72 +265,145 @@ class UniGeoSeg(nn.Module):
     # ------------------------------------------------------------------ prompt side
 
     @torch.no_grad()
-    def segment(self, vision: VisionFeatures, prompts: list[Prompt],
+    def segment(self, vision: VisionFeatures, prompts: list[TokenizedPrompt],
                 timings: dict[str, float] | None = None) -> Tensor:
         """One prompt per tile -> final mask logits, B x 1 x S/4 x S/4 (threshold at 0).
 
-        The same :class:`Prompt` object may be passed for every tile (a whole-raster run):
+        The same :class:`TokenizedPrompt` object may be passed for every tile (a whole-raster run):
         its text side is then embedded once. With ``timings``, the seconds spent in the
         language model and in the mask decoder (SEG query + masked-attention decoder) are
         added to it (device-synchronised).
         """
-        batch = vision.res5.shape[0]
-        if len(prompts) != batch:
-            raise ValueError(f"{len(prompts)} prompts for {batch} tiles")
         clock = _StageClock(self.device, timings)
-        texts = {id(p): self._embed_text(p) for p in prompts}  # each distinct prompt once
-        sequences = [texts[id(p)].with_image(vision.visual_tokens[i])
-                     for i, p in enumerate(prompts)]
-        hidden = self._run_language_model(sequences)
+        _, _, refer_states = self._language_side(vision.visual_tokens, prompts, whole=False)
         clock.lap("language_s")
-        refer_states = [hidden[i, texts[id(p)].refer_span(len(sequences[i]))]
-                        for i, p in enumerate(prompts)]
-        tasks = [p.task.value for p in prompts]
-        if len(set(tasks)) == 1:
-            queries = self.heads.build_seg_query(refer_states, tasks, vision.res5)
-        else:
-            # One SEG query per tile with its own task's LKM weight. (The official code applies
-            # the first sample's weight to the whole batch; its eval batches are one task.)
-            queries = torch.cat([self.heads.build_seg_query([refer_states[i]], [tasks[i]],
-                                                            vision.res5[i:i + 1])
-                                 for i in range(batch)])
+        queries = self._seg_queries(refer_states, prompts, vision.res5)
         (logits,) = self._maybe_graphed(
-            ("decoder", batch), self._decode_last,
+            ("decoder", len(prompts)), self._decode_last,
             [queries, vision.mask_features, *vision.multi_scale])
         clock.lap("decoder_s")
         return logits
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, images: Tensor, prompts: list[TokenizedPrompt], *,
+                compute_lm_logits: bool | None = None) -> SegmentationOutputs:
+        """The training forward: autograd on, no CUDA graphs, the same stages as inference.
+
+        Args:
+            images: B x 3 x S x S letterboxed, normalised tiles (``preprocess.py``).
+            prompts: one per tile. Prompts of different lengths are right-padded with an
+                attention mask; a batch may mix tasks (each tile gets its own LKM weight).
+            compute_lm_logits: None: when some prompt carries answer text (``dataset_type``
+                ``reason_seg``, whose response the official recipe trains with next-token
+                cross-entropy). True: always, so that ``lm_head`` is in every step's graph
+                (DDP without an unused-parameter search); prompts without answer text then
+                have all-ignored labels. False: never.
+
+        Returns:
+            :class:`SegmentationOutputs`: the mask logits of every decoder stage and, when
+            computed, the language model's logits with their next-token labels.
+        """
+        images = self._checked_images(images)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} tiles")
+        res5, visual_tokens, mask_features, *multi_scale = self._encode_flat(images)
+        trains_lm = [p.dataset_type == LM_LOSS_DATASET_TYPE for p in prompts]
+        if compute_lm_logits is None:
+            compute_lm_logits = any(trains_lm)
+        hidden, texts, refer_states = self._language_side(visual_tokens, prompts,
+                                                          whole=compute_lm_logits)
+        queries = self._seg_queries(refer_states, prompts, res5)
+        mask_logits = self.predictor(multi_scale, mask_features, queries)
+        if not compute_lm_logits:
+            return SegmentationOutputs(mask_logits, None, None)
+        num_visual = visual_tokens.shape[1]
+        labels = torch.full(hidden.shape[:2], IGNORE_INDEX, dtype=torch.long)
+        for i, (text, trained) in enumerate(zip(texts, trains_lm, strict=True)):
+            if trained:
+                row = text.labels(num_visual)
+                labels[i, :len(row) - 1] = torch.tensor(row[1:])  # position t predicts t + 1
+        return SegmentationOutputs(mask_logits, self.lm_head(hidden),
+                                   labels.to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------------ stages
+
+    def _language_side(self, visual_tokens: Tensor, prompts: list[TokenizedPrompt], *,
+                       whole: bool) -> tuple[Tensor, list[_TextSide], list[Tensor]]:
+        """Prompts and visual tokens (B x N x d) through Phi.
+
+        Returns:
+            The last hidden states (B x T x d, right-padded), each tile's text side, and its
+            ``<refer>`` states (N_i x d). With ``whole`` the sequences run to the end of the
+            conversation (the response the LM is trained on); without, they stop after
+            ``<refer>``, which is all the SEG query reads.
+        """
+        if len(prompts) != visual_tokens.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {visual_tokens.shape[0]} tiles")
+        distinct = {id(p): self._embed_text(p, whole=whole) for p in prompts}  # each once
+        texts = [distinct[id(p)] for p in prompts]
+        sequences = [text.with_image(visual_tokens[i]) for i, text in enumerate(texts)]
+        hidden = self._run_language_model(sequences)
+        num_visual = visual_tokens.shape[1]
+        refer_states = [hidden[i, text.refer_span(num_visual)] for i, text in enumerate(texts)]
+        return hidden, texts, refer_states
+
+    def _seg_queries(self, refer_states: list[Tensor], prompts: list[TokenizedPrompt],
+                     res5: Tensor) -> Tensor:
+        """The mask decoder's queries, B x 1 x seg_dim."""
+        tasks = [p.task.value for p in prompts]
+        if len(set(tasks)) == 1:
+            return self.heads.build_seg_query(refer_states, tasks, res5)
+        # One SEG query per tile with its own task's LKM weight. (The official code applies
+        # the first sample's weight to the whole batch; its batches are one task.)
+        return torch.cat([self.heads.build_seg_query([refer_states[i]], [tasks[i]],
+                                                     res5[i:i + 1])
+                          for i in range(len(prompts))])
 
     def _decode_last(self, queries: Tensor, mask_features: Tensor,
                      *multi_scale: Tensor) -> tuple[Tensor]:
         return (self.predictor(list(multi_scale), mask_features, queries)[-1],)
 
-    def _embed_text(self, prompt: Prompt) -> _TextSide:
-        """The text side of one prompt's input embeddings, and its ``<refer>`` span.
+    def _embed_text(self, prompt: TokenizedPrompt, *, whole: bool) -> _TextSide:
+        """The text side of one prompt's input embeddings, its ``<refer>`` span and labels.
 
         Follows the official ``concat_image_seg_embeds``: ``<image>`` becomes the visual
         tokens, the text chunk right after it goes through TATE, ``<refer>`` becomes the
-        instruction tokens plus ``[SEG]``, ``<seg>`` is dropped. The sequence stops after
-        ``<refer>``: the language model is causal, so later tokens cannot change the states
-        the SEG query is read from.
+        instruction tokens plus ``[SEG]``, ``<answer>`` the answer tokens, ``<seg>`` is
+        dropped. Labels follow the same expansion: ordinary tokens keep ``prompt.labels``,
+        ``<refer>`` and the image are ignored, ``<answer>`` is labelled with its own ids.
+        Without ``whole`` the sequence stops after ``<refer>``: the language model is
+        causal, so later tokens cannot change the states the SEG query is read from.
         """
         embed = self.model.embed_tokens
         device = self.device
-        before: list[Tensor] = []   # pieces before <image>
-        after: list[Tensor] = []    # pieces after it
+        text = _TextSide()
         seen_image = enhance_next = False
+        offset = 0  # of the chunk in prompt.input_ids / prompt.labels
         for chunk in _chunks(prompt.input_ids):
+            start, offset = offset, offset + len(chunk)
             if chunk == [IMAGE_TOKEN_INDEX]:
                 seen_image = enhance_next = True
                 continue
-            pieces = after if seen_image else before
             if chunk == [REFER_TOKEN_INDEX]:
                 if not seen_image:
                     raise ValueError("the prompt has no <image> before <refer>")
-                refer = embed(torch.tensor(prompt.refer_ids, device=device))
-                pieces.append(refer)
-                return _TextSide(before, after, refer.shape[0])
-            if chunk in ([SEG_TOKEN_INDEX], [ANSWER_TOKEN_INDEX]):
+                text.refer_start = text.after_length
+                text.refer_length = len(prompt.refer_ids)
+                text.add(True, embed(torch.tensor(prompt.refer_ids, device=device)),
+                         [IGNORE_INDEX] * len(prompt.refer_ids))
+                if not whole:
+                    return text
                 enhance_next = False
+                continue
+            if chunk == [SEG_TOKEN_INDEX]:
+                enhance_next = False
+                continue
+            if chunk == [ANSWER_TOKEN_INDEX]:
+                enhance_next = False
+                if whole and prompt.answer_ids is not None:
+                    text.add(seen_image, embed(torch.tensor(prompt.answer_ids, device=device)),
+                             list(prompt.answer_ids))
                 continue
             piece = embed(torch.tensor(chunk, device=device))
             if enhance_next:
@@ -257,8 +412,10 @@ class UniGeoSeg(nn.Module):
                     piece, prompt.task.value,
                     None if coords is None else coords.to(device=device, dtype=piece.dtype))
                 enhance_next = False
-            pieces.append(piece)
-        raise ValueError("the prompt has no <refer> placeholder")
+            text.add(seen_image, piece, prompt.labels[start:offset])
+        if text.refer_start is None:
+            raise ValueError("the prompt has no <refer> placeholder")
+        return text
 
     def _run_language_model(self, embeds: list[Tensor]) -> Tensor:
         """B sequences (L_i x d) through Phi -> last hidden states (after the final norm).
@@ -286,20 +443,38 @@ class UniGeoSeg(nn.Module):
 
 @dataclass
 class _TextSide:
-    """One prompt's embedded text around the image: ``before + [visual tokens] + after``;
-    the last ``refer_length`` tokens of ``after`` are the ``<refer>`` span."""
+    """One prompt's embedded text around the image: ``before + [visual tokens] + after``,
+    with the official labels of the same tokens (the image's are added by :meth:`labels`)."""
 
-    before: list[Tensor]
-    after: list[Tensor]
-    refer_length: int
+    before: list[Tensor] = field(default_factory=list)
+    after: list[Tensor] = field(default_factory=list)
+    labels_before: list[int] = field(default_factory=list)
+    labels_after: list[int] = field(default_factory=list)
+    refer_start: int | None = None   # where ``<refer>`` starts in ``after`` (tokens)
+    refer_length: int = 0
+
+    @property
+    def after_length(self) -> int:
+        return len(self.labels_after)
+
+    def add(self, after_image: bool, embeds: Tensor, labels: list[int]) -> None:
+        """Append L x d embeddings and their L labels before or after the image."""
+        (self.after if after_image else self.before).append(embeds)
+        (self.labels_after if after_image else self.labels_before).extend(labels)
 
     def with_image(self, visual_tokens: Tensor) -> Tensor:
         """N x d visual tokens -> the whole input sequence, L x d."""
         return torch.cat([*self.before, visual_tokens, *self.after])
 
-    def refer_span(self, sequence_length: int) -> slice:
-        """Where the ``<refer>`` states are in a sequence of ``sequence_length`` tokens."""
-        return slice(sequence_length - self.refer_length, sequence_length)
+    def refer_span(self, num_visual: int) -> slice:
+        """Where the ``<refer>`` states are in the sequence with ``num_visual`` image tokens."""
+        assert self.refer_start is not None
+        start = len(self.labels_before) + num_visual + self.refer_start
+        return slice(start, start + self.refer_length)
+
+    def labels(self, num_visual: int) -> list[int]:
+        """The label of every input token (IGNORE_INDEX where nothing is learnt)."""
+        return self.labels_before + [IGNORE_INDEX] * num_visual + self.labels_after
 
 
 class _StageClock:
