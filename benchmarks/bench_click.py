@@ -188,19 +188,19 @@ def bench_model(sam_type: str, device: torch.device, repeats: int, workdir: Path
     try:
         with Client(address, timeout_s=600) as client:
             first = time.perf_counter()
-            image_id = client.set_image(tile, GEOREF)["image_id"]
+            image_id = client.set_image(tile, GEOREF).image_id
             first_set_image_ms = (time.perf_counter() - first) * 1000
             protocol_ms = median_ms(lambda: client.set_image(tile, GEOREF), repeats)
-            encodes_before = client.status()["encodes"]
+            encodes_before = client.status().encodes
             prompt = Prompt(points=(map_xy(430.5, 310.5),))
             samples = []
             for _ in range(repeats + 1):
                 start = time.perf_counter()
                 reply = client.segment(prompt, image_id=image_id)
                 total = (time.perf_counter() - start) * 1000
-                samples.append((total, reply.header["result"]))
+                samples.append((total, reply))
             samples = samples[1:]  # first click warms the decoder path in the service
-            re_encodes = client.status()["encodes"] - encodes_before
+            re_encodes = client.status().encodes - encodes_before
             service_round_trip_ms = median_ms(client.status, repeats)
             client.shutdown()
         process.wait(timeout=60)
@@ -208,8 +208,8 @@ def bench_model(sam_type: str, device: torch.device, repeats: int, workdir: Path
         if process.poll() is None:
             process.kill()
     totals = [s[0] for s in samples]
-    decode = [s[1]["timings_ms"]["decode_ms"] for s in samples]
-    polygonize = [s[1]["timings_ms"]["polygonize_ms"] for s in samples]
+    decode = [s[1].timings_ms["decode_ms"] for s in samples]
+    polygonize = [s[1].timings_ms["polygonize_ms"] for s in samples]
     click_ms = statistics.median(totals)
     realistic = object_mask_pipeline_ms(tile, repeats)
     # A click whose mask is a real object: service round trip + polygonize + reply framing.
@@ -228,7 +228,7 @@ def bench_model(sam_type: str, device: torch.device, repeats: int, workdir: Path
         "non_model_ms": click_ms - decode_ms,
         "click_over_bare_plus_5ms": click_ms / (bare_ms + 5.0),
         "re_encodes_on_later_clicks": re_encodes,
-        "random_mask_polygons": len(samples[-1][1]["features"]["features"]),
+        "random_mask_polygons": len(samples[-1][1].features["features"]),
         "service_round_trip_ms": service_round_trip_ms, **realistic,
         "object_click_non_model_ms": realistic_non_model,
         "object_click_over_bare_plus_5ms": (bare_ms + realistic_non_model) / (bare_ms + 5.0),

@@ -1,6 +1,8 @@
 """A small blocking client for the backend (DEALER socket), used by the CLI, tests and scripts.
 
-The QGIS plugin uses the same message functions with a non-blocking socket on its own thread.
+The QGIS plugin's connection drives a non-blocking socket from Qt's event loop instead; both are
+transport only: requests and replies are the types of ``operations.py``, and every reply is
+interpreted by ``operations.read_reply``.
 """
 
 from __future__ import annotations
@@ -9,20 +11,35 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
 import zmq
+from numpy.typing import NDArray
 
 from .curve import CurveClientKeys
-from .errors import ErrorCode, ProtocolError, RemoteError, RequestTimeout
+from .errors import ProtocolError, RequestTimeout
 from .messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Message,
     decode_message,
     encode_message,
-    is_final,
     request_header,
+)
+from .operations import (
+    CancelReply,
+    CancelRequest,
+    HelloReply,
+    HelloRequest,
+    Request,
+    SegmentReply,
+    SegmentRequest,
+    SetImageReply,
+    SetImageRequest,
+    ShutdownReply,
+    ShutdownRequest,
+    StatusReply,
+    StatusRequest,
+    read_reply,
 )
 from .params import Georeference, Prompt, RasterOptions, SegmentOptions
 
@@ -33,6 +50,8 @@ __all__ = ["DEFAULT_ADDRESS", "Client", "CurveClientKeys", "ProgressCallback", "
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5557"
 
 ProgressCallback = Callable[[int, int, str], None]
+
+ReplyT = TypeVar("ReplyT")
 
 
 def new_request_id() -> str:
@@ -52,7 +71,7 @@ class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 60.0,
                  curve: CurveClientKeys | None = None,
                  max_reply_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context[Any] | None = None):
         self.address = address
         self.timeout_s = timeout_s
         self.max_reply_bytes = max_reply_bytes
@@ -64,8 +83,8 @@ class Client:
         self._outstanding: set[str] = set()
         self._inbox: dict[str, list[Message]] = {}
 
-    def _open_socket(self) -> zmq.Socket:
-        sock = self._context.socket(zmq.DEALER)
+    def _open_socket(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self._curve is not None:
             sock.curve_serverkey = self._curve.server_public
@@ -86,7 +105,7 @@ class Client:
     # ------------------------------------------------------------------ generic request
 
     def send(self, op: str, params: Mapping[str, Any] | None = None,
-             arrays: Mapping[str, np.ndarray] | None = None, timeout_s: float | None = None,
+             arrays: Mapping[str, NDArray[Any]] | None = None, timeout_s: float | None = None,
              request_id: str | None = None) -> str:
         """Send a request without waiting; returns its id (see :meth:`receive`)."""
         request_id = request_id or new_request_id()
@@ -124,18 +143,15 @@ class Client:
                 self._inbox.pop(request_id, None)
                 raise RequestTimeout(f"no reply from {self.address} within {timeout:.1f} s",
                                      request_id=request_id)
-            if not is_final(message.header):
+            reply = read_reply(message)
+            if reply.progress is not None:
                 if on_progress is not None:
-                    on_progress(int(message.header.get("done", 0)),
-                                int(message.header.get("total", 0)),
-                                str(message.header.get("message", "")))
+                    on_progress(*reply.progress)
                 continue
             self._outstanding.discard(request_id)
             self._inbox.pop(request_id, None)
-            if not message.header["ok"]:
-                error = message.header.get("error") or {}
-                raise RemoteError(error.get("code", ErrorCode.INTERNAL), error.get("message", ""),
-                                  error.get("details"), request_id=request_id)
+            if reply.error is not None:
+                raise reply.error
             return message
 
     def _next_message(self, request_id: str, deadline: float) -> Message | None:
@@ -163,7 +179,7 @@ class Client:
                 logger.debug("dropping stale reply to request %s", message.id)
 
     def request(self, op: str, params: Mapping[str, Any] | None = None,
-                arrays: Mapping[str, np.ndarray] | None = None, timeout_s: float | None = None,
+                arrays: Mapping[str, NDArray[Any]] | None = None, timeout_s: float | None = None,
                 on_progress: ProgressCallback | None = None,
                 cancel_on_timeout: bool = True) -> Message:
         """Send a request and wait for its final reply (see :meth:`receive`)."""
@@ -173,60 +189,50 @@ class Client:
         except RequestTimeout:
             if cancel_on_timeout:
                 try:
-                    self.send("cancel", {"target": request_id}, timeout_s=0.5)
+                    self.send(CancelRequest.OP, *CancelRequest(request_id).to_wire(),
+                              timeout_s=0.5)
                 except (RequestTimeout, zmq.ZMQError):
                     pass  # the backend is unreachable: nothing to cancel there
             raise
 
+    def call(self, request: Request[ReplyT], timeout_s: float | None = None,
+             on_progress: ProgressCallback | None = None) -> ReplyT:
+        """Send a typed request (``SegmentRequest``, ...) and return its typed reply."""
+        params, arrays = request.to_wire()
+        return request.parse_reply(self.request(request.OP, params, arrays, timeout_s,
+                                                on_progress))
+
     # ------------------------------------------------------------------ operations
 
-    def hello(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
-        return self.request("hello", timeout_s=timeout_s).header["result"]
+    def hello(self, timeout_s: float | None = 5.0) -> HelloReply:
+        return self.call(HelloRequest(), timeout_s)
 
-    def status(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
-        return self.request("status", timeout_s=timeout_s).header["result"]
+    def status(self, timeout_s: float | None = 5.0) -> StatusReply:
+        return self.call(StatusRequest(), timeout_s)
 
-    def cancel(self, target_id: str, timeout_s: float | None = 5.0) -> dict[str, Any]:
-        return self.request("cancel", {"target": target_id}, timeout_s=timeout_s).header["result"]
+    def cancel(self, target_id: str, timeout_s: float | None = 5.0) -> CancelReply:
+        return self.call(CancelRequest(target_id), timeout_s)
 
-    def shutdown(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
-        return self.request("shutdown", timeout_s=timeout_s).header["result"]
+    def shutdown(self, timeout_s: float | None = 5.0) -> ShutdownReply:
+        return self.call(ShutdownRequest(), timeout_s)
 
-    def set_image(self, pixels: np.ndarray, georeference: Georeference,
-                  raster: RasterOptions | None = None, engine: str | None = None,
+    def set_image(self, pixels: NDArray[Any], georeference: Georeference,
+                  raster: RasterOptions | None = None, engine: str = "sam",
                   timeout_s: float | None = None,
-                  on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Upload a tile; the backend encodes it (or reuses the cached embedding).
-
-        Returns the result: ``image_id``, ``width``, ``height``, ``embedding`` (``computed`` or
-        ``cached``) and timings.
-        """
-        params: dict[str, Any] = {"georeference": georeference.to_wire(),
-                                  "raster": (raster or RasterOptions()).to_wire()}
-        if engine:
-            params["engine"] = engine
-        reply = self.request("set_image", params, {"pixels": pixels}, timeout_s, on_progress)
-        return reply.header["result"]
+                  on_progress: ProgressCallback | None = None) -> SetImageReply:
+        """Upload a tile; the backend encodes it (or reuses the cached embedding)."""
+        return self.call(SetImageRequest(pixels, georeference, raster or RasterOptions(), engine),
+                         timeout_s, on_progress)
 
     def segment(self, prompt: Prompt, options: SegmentOptions | None = None,
-                image_id: str | None = None, pixels: np.ndarray | None = None,
+                image_id: str | None = None, pixels: NDArray[Any] | None = None,
                 georeference: Georeference | None = None, raster: RasterOptions | None = None,
                 timeout_s: float | None = None,
-                on_progress: ProgressCallback | None = None) -> Message:
+                on_progress: ProgressCallback | None = None) -> SegmentReply:
         """Segment a cached image (``image_id``) or an inline tile (``pixels`` + georeference).
 
-        Returns the reply: ``header["result"]["features"]`` is a GeoJSON FeatureCollection and
-        ``arrays["mask"]`` the binary mask when ``options.return_mask`` is set.
+        The reply's ``features`` is a GeoJSON FeatureCollection and its ``mask`` the binary
+        mask when ``options.return_mask`` is set.
         """
-        params: dict[str, Any] = {"prompt": prompt.to_wire(),
-                                  "options": (options or SegmentOptions()).to_wire()}
-        arrays = None
-        if image_id is not None:
-            params["image_id"] = image_id
-        elif pixels is not None and georeference is not None:
-            params["georeference"] = georeference.to_wire()
-            params["raster"] = (raster or RasterOptions()).to_wire()
-            arrays = {"pixels": pixels}
-        else:
-            raise ValueError("segment needs image_id, or pixels with a georeference")
-        return self.request("segment", params, arrays, timeout_s, on_progress)
+        return self.call(SegmentRequest(prompt, options or SegmentOptions(), image_id, pixels,
+                                        georeference, raster), timeout_s, on_progress)

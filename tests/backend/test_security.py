@@ -53,7 +53,7 @@ def test_curve_backend_serves_authorised_clients_only(tmp_path, backend_factory,
 
     with Client(backend.address, curve=keys_from(client_secret_file)) as client:
         hello = client.hello()
-        assert hello["authenticated"] is True
+        assert hello.authenticated is True
     with Client(backend.address, curve=keys_from(stranger_secret_file)) as client:
         with pytest.raises(RequestTimeout):
             client.hello(timeout_s=2.0)

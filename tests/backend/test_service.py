@@ -13,7 +13,16 @@ import zmq
 from affine import Affine
 from shapely.geometry import shape
 
-from unigeoseg_protocol import Georeference, Prompt, RemoteError, SegmentOptions
+from unigeoseg_protocol import (
+    EngineInfo,
+    Georeference,
+    HelloReply,
+    Prompt,
+    RemoteError,
+    SegmentOptions,
+    SegmentRequest,
+    ShutdownReply,
+)
 from unigeoseg_protocol.client import Client
 from unigeoseg_protocol.messages import decode_message
 
@@ -40,26 +49,30 @@ def client(tiny_backend):
 
 
 def test_hello_reports_protocol_engines_and_device(client):
+    wire = client.request("hello").header["result"]
+    assert wire["protocol_version"] == 1
+    assert wire["engines"]["sam"] == {"available": True, "loaded": True, "model": "sam_tiny",
+                                      "tasks": ["interactive"]}
+    assert wire["engines"]["unigeoseg"]["available"] is False
+    assert wire["device"] == "cpu" and wire["gpu"] is None
     hello = client.hello()
-    assert hello["protocol_version"] == 1
-    assert hello["engines"]["sam"] == {"available": True, "loaded": True, "model": "sam_tiny",
-                                       "tasks": ["interactive"]}
-    assert hello["engines"]["unigeoseg"]["available"] is False
-    assert hello["device"] == "cpu" and hello["gpu"] is None
+    assert hello == HelloReply.from_result(wire) and hello.to_result() == wire
+    assert hello.engine("sam") == EngineInfo(available=True, loaded=True, model="sam_tiny",
+                                             tasks=("interactive",))
 
 
 def test_second_click_on_the_same_tile_never_re_encodes(client):
     pixels = _tile(seed=1)
     first = client.set_image(pixels, UTM_TILE)
     again = client.set_image(pixels, UTM_TILE)
-    assert first["embedding"] == "computed" and again["embedding"] == "cached"
-    assert first["image_id"] == again["image_id"]
-    encodes = client.status()["encodes"]
+    assert first.embedding == "computed" and again.embedding == "cached"
+    assert first.image_id == again.image_id
+    encodes = client.status().encodes
     for col, row in [(150, 100), (120, 80), (10, 10)]:
         reply = client.segment(Prompt(points=(tuple(_map_xy(UTM_TILE, col, row)),)),
-                               image_id=first["image_id"])
-        assert reply.header["result"]["timings_ms"]["encode_ms"] == 0.0
-    assert client.status()["encodes"] == encodes
+                               image_id=first.image_id)
+        assert reply.timings_ms["encode_ms"] == 0.0
+    assert client.status().encodes == encodes
 
 
 def test_polygons_rasterise_back_to_the_returned_mask_exactly(client):
@@ -67,10 +80,10 @@ def test_polygons_rasterise_back_to_the_returned_mask_exactly(client):
     reply = client.segment(Prompt(points=(tuple(_map_xy(UTM_TILE, 150.5, 100.5)),)),
                            SegmentOptions(return_mask=True), pixels=pixels,
                            georeference=UTM_TILE)
-    mask = reply.arrays["mask"]
+    mask = reply.mask
     assert mask.shape == pixels.shape[:2] and mask.dtype == np.uint8
     assert 0 < mask.sum() < mask.size, "the seeded tiny SAM should give a non-trivial mask"
-    features = reply.header["result"]["features"]
+    features = reply.features
     assert features["type"] == "FeatureCollection"
     geoms = [shape(f["geometry"]) for f in features["features"]]
     burned = rasterio.features.rasterize(
@@ -87,12 +100,12 @@ def test_output_crs_reprojects_the_same_polygons(client):
 
     pixels = _tile(seed=3)
     prompt = Prompt(points=(tuple(_map_xy(UTM_TILE, 150, 100)),))
-    utm = client.segment(prompt, pixels=pixels, georeference=UTM_TILE).header["result"]
+    utm = client.segment(prompt, pixels=pixels, georeference=UTM_TILE)
     wgs = client.segment(prompt, SegmentOptions(output_crs="EPSG:4326"), pixels=pixels,
-                         georeference=UTM_TILE).header["result"]
+                         georeference=UTM_TILE)
     to_wgs = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
-    utm_ring = np.array(utm["features"]["features"][0]["geometry"]["coordinates"][0])
-    wgs_ring = np.array(wgs["features"]["features"][0]["geometry"]["coordinates"][0])
+    utm_ring = np.array(utm.features["features"][0]["geometry"]["coordinates"][0])
+    wgs_ring = np.array(wgs.features["features"][0]["geometry"]["coordinates"][0])
     expected = np.column_stack(to_wgs.transform(utm_ring[:, 0], utm_ring[:, 1]))
     np.testing.assert_allclose(wgs_ring, expected, rtol=0, atol=1e-12)
 
@@ -108,7 +121,7 @@ def test_points_given_in_another_crs_land_on_the_same_pixel(client):
     foreign = client.segment(Prompt(points=((lon, lat),), crs="EPSG:4326"),
                              SegmentOptions(return_mask=True), pixels=pixels,
                              georeference=UTM_TILE)
-    np.testing.assert_array_equal(native.arrays["mask"], foreign.arrays["mask"])
+    np.testing.assert_array_equal(native.mask, foreign.mask)
 
 
 def test_nan_and_nodata_pixels_never_become_polygons(client):
@@ -117,7 +130,7 @@ def test_nan_and_nodata_pixels_never_become_polygons(client):
     reply = client.segment(Prompt(points=(tuple(_map_xy(UTM_TILE, 200, 100)),)),
                            SegmentOptions(return_mask=True), pixels=pixels,
                            georeference=UTM_TILE)
-    assert reply.arrays["mask"][:, :160].sum() == 0
+    assert reply.mask[:, :160].sum() == 0
 
 
 def test_sixteen_bit_multiband_tiles_are_segmented(client):
@@ -126,12 +139,12 @@ def test_sixteen_bit_multiband_tiles_are_segmented(client):
     reply = client.segment(Prompt(points=(tuple(_map_xy(UTM_TILE, 20, 30)),)),
                            SegmentOptions(return_mask=True), pixels=pixels,
                            georeference=UTM_TILE)
-    assert reply.arrays["mask"].shape == (200, 200)
+    assert reply.mask.shape == (200, 200)
 
 
 def test_object_key_feeds_the_previous_mask_back(client):
     pixels = _tile(seed=7)
-    image_id = client.set_image(pixels, UTM_TILE)["image_id"]
+    image_id = client.set_image(pixels, UTM_TILE).image_id
     first_point = tuple(_map_xy(UTM_TILE, 150, 100))
     plain = client.segment(Prompt(points=(first_point,)), SegmentOptions(return_mask=True),
                            image_id=image_id)
@@ -140,8 +153,7 @@ def test_object_key_feeds_the_previous_mask_back(client):
     refined = client.segment(Prompt(points=(first_point,), object_key="obj"),
                              SegmentOptions(return_mask=True), image_id=image_id)
     # Same point, but the second call with the key also sees the first call's mask logits.
-    assert not np.array_equal(plain.arrays["mask"], refined.arrays["mask"]) or \
-        plain.header["result"]["score"] != refined.header["result"]["score"]
+    assert not np.array_equal(plain.mask, refined.mask) or plain.score != refined.score
 
 
 # ---------------------------------------------------------------------- bad input
@@ -216,7 +228,7 @@ def test_bad_input_gets_a_typed_error_and_the_service_keeps_serving(tiny_backend
     assert header["error"]["code"] == code, header
     assert header["error"]["message"]
     with Client(tiny_backend.address) as c:
-        assert c.hello()["protocol_version"] == 1
+        assert c.hello().protocol_version == 1
     assert tiny_backend.process.poll() is None
 
 
@@ -226,7 +238,7 @@ def test_payload_over_the_cap_gets_payload_too_large(tiny_backend):
         with pytest.raises(RemoteError) as info:
             c.set_image(big, UTM_TILE)
         assert info.value.code == "payload_too_large"
-        assert c.hello()["protocol_version"] == 1
+        assert c.hello().protocol_version == 1
 
 
 def test_a_request_past_its_deadline_gets_timeout(tiny_backend):
@@ -239,7 +251,7 @@ def test_a_request_past_its_deadline_gets_timeout(tiny_backend):
         with pytest.raises(RemoteError) as info:
             c.receive(request_id, timeout_s=30)
         assert info.value.code == "timeout"
-        assert c.hello()["protocol_version"] == 1
+        assert c.hello().protocol_version == 1
 
 
 def _send_burst(client: Client, seeds: range) -> list[str]:
@@ -269,8 +281,8 @@ def test_cancel_stops_a_queued_request(tiny_backend):
         codes = _final_codes(c, ids)
         # The first five were not cancelled; the last one was still waiting behind them.
         assert codes[:5] == ["ok"] * 5
-        assert cancelled["cancelled"] is True and codes[5] == "cancelled"
-        assert c.hello()["protocol_version"] == 1
+        assert cancelled.cancelled is True and codes[5] == "cancelled"
+        assert c.hello().protocol_version == 1
 
 
 def test_full_queue_is_refused_with_queue_full(backend_factory, tiny_sam_checkpoint):
@@ -280,8 +292,10 @@ def test_full_queue_is_refused_with_queue_full(backend_factory, tiny_sam_checkpo
         codes = _final_codes(c, _send_burst(c, range(40, 52)))
         assert set(codes) <= {"ok", "queue_full"}
         assert codes[0] == "ok" and "queue_full" in codes
-        assert c.segment(Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)),
-                         pixels=_tile(seed=99), georeference=UTM_TILE).header["ok"]
+        reply = c.request("segment", *SegmentRequest(
+            Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)), pixels=_tile(seed=99),
+            georeference=UTM_TILE).to_wire())
+        assert reply.header["ok"]
 
 
 def test_sigterm_shuts_the_service_down_cleanly(backend_factory, tiny_sam_checkpoint):
@@ -295,7 +309,7 @@ def test_sigterm_shuts_the_service_down_cleanly(backend_factory, tiny_sam_checkp
 def test_shutdown_op_stops_the_service(backend_factory, tiny_sam_checkpoint):
     backend = backend_factory("--sam-type", "tiny", "--sam-checkpoint", str(tiny_sam_checkpoint))
     with Client(backend.address) as c:
-        assert c.shutdown() == {"stopping": True}
+        assert c.shutdown() == ShutdownReply(stopping=True)
     assert backend.process.wait(timeout=30) == 0
 
 

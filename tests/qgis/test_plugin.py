@@ -223,7 +223,7 @@ def test_accepted_polygons_land_on_the_raster_grid(plugin, raster, qgis_iface, q
     # ... and the polygons are the backend's own answer for the same tile and prompt.
     with Client(backend.address) as client:
         direct = client.segment(Prompt(points=prompt.points, labels=prompt.labels),
-                                image_id=image_id).header["result"]["features"]
+                                image_id=image_id).features
     direct_vertices = np.array([xy for f in direct["features"]
                                 for ring in f["geometry"]["coordinates"] for xy in ring])
     decimals = int(round(-math.log10(pixel))) + 4  # a 10-4 pixel tolerance
@@ -342,7 +342,7 @@ def test_later_clicks_reuse_the_tile_and_undo_works(plugin, raster, qgis_iface, 
     _click(plugin, canvas, raster, 170.5, 120.5)
     qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
     with Client(backend.address) as client:
-        encodes_after_first_click = client.status()["encodes"]
+        encodes_after_first_click = client.status().encodes
     first_window = plugin.controller.session.window
     plugin.controller.session.result = None
     _click(plugin, canvas, raster, 60.5, 60.5, Qt.MouseButton.RightButton)
@@ -350,7 +350,7 @@ def test_later_clicks_reuse_the_tile_and_undo_works(plugin, raster, qgis_iface, 
     assert plugin.controller.session.window is first_window
     assert plugin.controller.session.labels == [1, 0]
     with Client(backend.address) as client:
-        assert client.status()["encodes"] == encodes_after_first_click  # no re-encode
+        assert client.status().encodes == encodes_after_first_click  # no re-encode
 
     _key(plugin, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)  # removes the last point
     assert plugin.controller.session.labels == [1]

@@ -76,13 +76,13 @@ def test_a_qgis_rendered_tile_is_segmented_exactly_by_the_backend(qgis_app, tmp_
     georef = Georeference(layer.crs().authid(),
                           (extent.xMinimum(), pixel, 0.0, extent.yMaximum(), 0.0, -pixel))
     with Client(backend.address, timeout_s=60) as client:
-        assert client.hello()["engines"]["sam"]["available"]
+        assert client.hello().engine("sam").available
         click = (500000.0 + 0.5 * 125.5, 4100000.0 - 0.5 * 85.5)
         reply = client.segment(Prompt(points=(click,)), SegmentOptions(return_mask=True),
                                pixels=rgba, georeference=georef)
-    mask = reply.arrays["mask"]
+    mask = reply.mask
     assert 0 < mask.sum() < mask.size
-    collection = reply.header["result"]["features"]
+    collection = reply.features
     # Parsed by QGIS itself, as the plugin will (QgsJsonUtils exists in every QGIS >= 3.22).
     parsed = QgsJsonUtils.stringToFeatureList(json.dumps(collection), QgsFields())
     geometries = [feature.geometry() for feature in parsed]

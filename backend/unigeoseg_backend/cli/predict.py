@@ -166,5 +166,4 @@ def _segment_remote(address: str, tile, prompt: Prompt, options: SegmentOptions)
     with Client(address, timeout_s=600) as client:
         reply = client.segment(prompt, options, pixels=tile.pixels,
                                georeference=tile.georeference, raster=tile.raster)
-    result = reply.header["result"]
-    return result["features"], f"score {result['score']:.3f}, model {result['model']} via {address}"
+    return reply.features, f"score {reply.score:.3f}, model {reply.model} via {address}"

@@ -8,6 +8,9 @@ Threads and sockets::
                                  │ inproc PULL       ▼
                               PUSH ◀──────── worker thread [set_image, segment on the GPU]
 
+The service is transport: each operation's request is validated, and its reply built, by the
+types of ``unigeoseg_protocol.operations``.
+
 Only the front thread touches the ROUTER socket (ZeroMQ sockets are not thread-safe); the worker
 sends replies and progress events through its own PUSH socket. A request that is cancelled or
 runs past its deadline is answered at once by the front thread; the worker's late result is
@@ -16,6 +19,7 @@ dropped, and the worker checks the request's CancelToken between stages.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -23,7 +27,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zmq
 
 from unigeoseg_protocol.errors import ErrorCode, ProtocolError
@@ -37,7 +40,19 @@ from unigeoseg_protocol.messages import (
     ok_header,
     progress_header,
 )
-from unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
+from unigeoseg_protocol.operations import (
+    CancelReply,
+    CancelRequest,
+    EngineInfo,
+    HelloReply,
+    RunningRequest,
+    SegmentReply,
+    SegmentRequest,
+    SetImageReply,
+    SetImageRequest,
+    ShutdownReply,
+    StatusReply,
+)
 
 from .. import __version__
 from ..errors import InvalidInputError
@@ -48,7 +63,12 @@ logger = logging.getLogger(__name__)
 
 _WORKER_ENDPOINT = "inproc://unigeoseg-worker-replies"
 _POLL_MS = 100  # how often the front loop looks at deadlines and the stop flag
-_WORK_OPS = ("set_image", "segment")
+
+#: The operations the worker runs, by op: their request types validate before queueing.
+_WORK_REQUESTS: dict[str, type[SetImageRequest] | type[SegmentRequest]] = {
+    SetImageRequest.OP: SetImageRequest, SegmentRequest.OP: SegmentRequest}
+WorkRequest = SetImageRequest | SegmentRequest
+WorkReply = SetImageReply | SegmentReply
 
 
 @dataclass
@@ -61,7 +81,7 @@ class Job:
     message: Message
     token: CancelToken
     received: float
-    parsed: dict[str, Any]
+    request: WorkRequest
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -214,9 +234,10 @@ class Service:
             elif op == "status":
                 self._reply_ok(client, request_id, self._status())
             elif op == "cancel":
-                self._reply_ok(client, request_id, self._cancel(client, message.params))
+                self._reply_ok(client, request_id,
+                               self._cancel(client, CancelRequest.from_message(message)))
             elif op == "shutdown":
-                self._reply_ok(client, request_id, {"stopping": True})
+                self._reply_ok(client, request_id, ShutdownReply())
                 self.stop()
             else:
                 self._enqueue(client, message)
@@ -226,7 +247,7 @@ class Service:
     def _enqueue(self, client: bytes, message: Message) -> None:
         if (client, message.id) in self._pending:
             raise InvalidInputError(f"request id {message.id} is already in progress")
-        parsed = parse_work_params(message)
+        request = _WORK_REQUESTS[message.op].from_message(message)
         timeout_s = self.config.request_timeout_s
         if "timeout_ms" in message.header:
             timeout_ms = message.header["timeout_ms"]
@@ -235,7 +256,7 @@ class Service:
             timeout_s = min(timeout_ms / 1000, self.config.max_request_timeout_s)
         now = time.monotonic()
         job = Job(client=client, request_id=message.id, op=message.op, message=message,
-                  token=CancelToken(deadline=now + timeout_s), received=now, parsed=parsed)
+                  token=CancelToken(deadline=now + timeout_s), received=now, request=request)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -244,17 +265,15 @@ class Service:
                                 f"retry when one finishes") from None
         self._pending[job.key] = job
 
-    def _cancel(self, client: bytes, params: dict[str, Any]) -> dict[str, Any]:
-        target = params.get("target")
-        if not isinstance(target, str):
-            raise InvalidInputError("cancel needs params.target, the id of the request to cancel")
+    def _cancel(self, client: bytes, request: CancelRequest) -> CancelReply:
+        target = request.target
         job = self._pending.pop((client, target), None)
         if job is None:
-            return {"target": target, "cancelled": False, "reason": "not pending"}
+            return CancelReply(target, cancelled=False, reason="not pending")
         job.token.cancel()
         self._reply_error(client, target, ErrorCode.CANCELLED, "cancelled by the client")
-        return {"target": target, "cancelled": True,
-                "was": "running" if self._running is job else "queued"}
+        return CancelReply(target, cancelled=True,
+                           was="running" if self._running is job else "queued")
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -283,8 +302,9 @@ class Service:
                 self._served += 1
             self._router.send_multipart([client, *frames[3:]], copy=False)
 
-    def _reply_ok(self, client: bytes, request_id: str, result: dict[str, Any],
-                  arrays: dict[str, np.ndarray] | None = None) -> None:
+    def _reply_ok(self, client: bytes, request_id: str,
+                  reply: HelloReply | StatusReply | CancelReply | ShutdownReply) -> None:
+        result, arrays = reply.to_wire()
         self._router.send_multipart([client, *encode_message(ok_header(request_id, result),
                                                              arrays)], copy=False)
 
@@ -293,29 +313,31 @@ class Service:
         self._router.send_multipart(
             [client, *encode_message(error_header(request_id, str(code), message, details))])
 
-    def _hello(self) -> dict[str, Any]:
+    def _hello(self) -> HelloReply:
         registry = self.segmenter.engines
         loaded = registry.loaded()
-        engines = {name: {"available": True, "loaded": name in loaded, "model": loaded.get(name),
-                          "tasks": registry.tasks(name)}
+        engines = {name: EngineInfo(available=True, loaded=name in loaded,
+                                    model=loaded.get(name), tasks=tuple(registry.tasks(name)))
                    for name in registry.available()}
-        for name, reason in self.segmenter.engines.reasons_unavailable().items():
-            engines.setdefault(name, {"available": False, "reason": reason})
-        return {"protocol_version": PROTOCOL_VERSION, "backend_version": __version__,
-                "engines": engines, **self.device_info,
-                "max_message_bytes": self.config.max_message_bytes,
-                "authenticated": self.config.curve_enabled}
+        for name, reason in registry.reasons_unavailable().items():
+            engines.setdefault(name, EngineInfo(available=False, reason=reason))
+        return HelloReply(protocol_version=PROTOCOL_VERSION, backend_version=__version__,
+                          engines=engines, device=self.device_info["device"],
+                          gpu=self.device_info.get("gpu"),
+                          torch_version=self.device_info.get("torch_version"),
+                          max_message_bytes=self.config.max_message_bytes,
+                          authenticated=self.config.curve_enabled)
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self) -> StatusReply:
         running = self._running
-        return {"queued": self._queue.qsize(),
-                "running": None if running is None else {"id": running.request_id,
-                                                         "op": running.op},
-                "served": self._served, "encodes": self.segmenter.encode_count,
-                "images_cached": len(self.segmenter.images),
-                "embeddings_cached": len(self.segmenter.embeddings),
-                "embedding_cache_bytes": self.segmenter.embeddings.nbytes,
-                "uptime_s": round(time.monotonic() - self._started, 1)}
+        return StatusReply(
+            queued=self._queue.qsize(),
+            running=None if running is None else RunningRequest(running.request_id, running.op),
+            served=self._served, encodes=self.segmenter.encode_count,
+            images_cached=len(self.segmenter.images),
+            embeddings_cached=len(self.segmenter.embeddings),
+            embedding_cache_bytes=self.segmenter.embeddings.nbytes,
+            uptime_s=round(time.monotonic() - self._started, 1))
 
     # ------------------------------------------------------------------ worker thread
 
@@ -351,7 +373,7 @@ class Service:
         extra = {"request_id": job.request_id, "op": job.op}
         try:
             job.token.check()
-            result, arrays = self._execute(job, progress)
+            reply = self._execute(job, progress)
         except ProtocolError as exc:
             logger.info("request failed: %s", exc.message, extra={**extra, "code": str(exc.code)})
             send(b"final", error_header(job.request_id, str(exc.code), exc.message, exc.details))
@@ -363,63 +385,22 @@ class Service:
                                         f"the backend log has details"))
             return
         elapsed_ms = (time.perf_counter() - start) * 1000
-        result["server_ms"] = round(elapsed_ms, 3)
+        result, arrays = dataclasses.replace(reply, server_ms=round(elapsed_ms, 3)).to_wire()
         logger.info("request done", extra={**extra, "elapsed_ms": round(elapsed_ms, 1)})
         send(b"final", ok_header(job.request_id, result), arrays)
 
-    def _execute(self, job: Job, progress) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-        p = job.parsed
-        if job.op == "set_image":
-            result = self.segmenter.set_image(p["pixels"], p["georeference"], p["raster"],
-                                              p["engine"], job.token, progress)
-            return result, None
-        if p["image_id"] is not None:
-            record = self.segmenter.get_image(p["image_id"])
+    def _execute(self, job: Job, progress) -> WorkReply:
+        request = job.request
+        if isinstance(request, SetImageRequest):
+            return SetImageReply.from_result(self.segmenter.set_image(
+                request.pixels, request.georeference, request.raster, request.engine, job.token,
+                progress))
+        if request.image_id is not None:
+            record = self.segmenter.get_image(request.image_id)
         else:
-            record = self.segmenter.add_image(p["pixels"], p["georeference"], p["raster"])
-        outcome = self.segmenter.segment(record, p["prompt"], p["options"], job.token)
-        result = {"image_id": outcome.image_id, "features": outcome.features,
-                  "score": outcome.score, "engine": outcome.engine, "model": outcome.model,
-                  "timings_ms": outcome.timings_ms}
-        arrays = {"mask": outcome.mask} if outcome.mask is not None else None
-        return result, arrays
-
-
-def parse_work_params(message: Message) -> dict[str, Any]:
-    """Validate set_image / segment parameters on the front thread, before queueing.
-
-    Raises:
-        ProtocolError: with the code that says what is wrong.
-    """
-    params = message.params
-    parsed: dict[str, Any] = {"image_id": None, "pixels": None, "georeference": None,
-                              "raster": None}
-    needs_pixels = message.op == "set_image" or "image_id" not in params
-    if needs_pixels:
-        pixels = message.arrays.get("pixels")
-        if pixels is None:
-            raise ProtocolError(ErrorCode.BAD_FRAME,
-                                f"{message.op} needs an array frame named 'pixels' "
-                                f"(or, for segment, an image_id)")
-        if pixels.ndim not in (2, 3) or pixels.shape[0] == 0 or pixels.shape[1] == 0 \
-                or (pixels.ndim == 3 and not 1 <= pixels.shape[2] <= 64):
-            raise ProtocolError(ErrorCode.BAD_FRAME,
-                                f"pixels must be H x W or H x W x C (1 to 64 bands), got shape "
-                                f"{list(pixels.shape)}")
-        parsed["pixels"] = pixels
-        parsed["georeference"] = Georeference.from_wire(params.get("georeference"))
-        parsed["raster"] = RasterOptions.from_wire(params.get("raster"))
-    else:
-        image_id = params["image_id"]
-        if not isinstance(image_id, str) or not image_id:
-            raise InvalidInputError("image_id must be a non-empty string")
-        parsed["image_id"] = image_id
-    if message.op == "set_image":
-        engine = params.get("engine", "sam")
-        if engine not in ("sam", "unigeoseg"):
-            raise InvalidInputError(f"unknown engine {engine!r}")
-        parsed["engine"] = engine
-    else:
-        parsed["prompt"] = Prompt.from_wire(params.get("prompt"))
-        parsed["options"] = SegmentOptions.from_wire(params.get("options"))
-    return parsed
+            record = self.segmenter.add_image(request.pixels, request.georeference,
+                                              request.raster)
+        outcome = self.segmenter.segment(record, request.prompt, request.options, job.token)
+        return SegmentReply(image_id=outcome.image_id, features=outcome.features,
+                            score=outcome.score, engine=outcome.engine, model=outcome.model,
+                            timings_ms=outcome.timings_ms, mask=outcome.mask)
