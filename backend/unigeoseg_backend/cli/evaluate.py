@@ -78,8 +78,8 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..datasets import open_dataset
+    from ..distributed import close_world, init_world
     from ..engines.unigeoseg_engine import model_dtype
-    from ..evaluation.distributed import close_world, init_world
     from ..evaluation.pipeline import EvalSettings, evaluate
     from ..evaluation.report import METRICS_MD
     from ..model.checkpoint import load_released

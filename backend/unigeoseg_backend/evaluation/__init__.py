@@ -3,7 +3,8 @@
 - ``metrics``: the official per-sample IoU, gIoU, cIoU and Pr@t, and the mask letterbox.
 - ``runner``: batches samples through the model, one row per sample.
 - ``records``: the per-sample CSV (appended per batch, resumable) and the run manifest.
-- ``distributed``: torchrun sharding and the tensor gather to rank 0.
+- ``gather``: every rank's rows to every rank, as tensors (``..distributed`` has the
+  process group).
 - ``report``: metrics.json, metrics.md, problems.csv; ``overlays``: pictures of the worst.
 - ``pipeline``: one run end to end.
 """

@@ -31,17 +31,10 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..datasets.base import DatasetListing
+from ..distributed import World, all_true, any_per_item, barrier, max_over_ranks, sum_over_ranks
 from ..errors import InvalidInputError
 from . import overlays
-from .distributed import (
-    World,
-    all_true,
-    any_per_item,
-    barrier,
-    gather_rows,
-    max_over_ranks,
-    sum_over_ranks,
-)
+from .gather import gather_rows
 from .records import (
     ROWS,
     SHARD_PATTERN,

@@ -1,13 +1,18 @@
-"""Sharding an evaluation over ``torchrun`` processes and bringing the rows back to rank 0.
+"""torch.distributed for ``torchrun`` jobs (evaluation and training): the process group and
+collectives on plain tensors.
 
 ``torchrun`` (or ``python -m torch.distributed.run``) sets ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK``; with more than one process the group is initialised with NCCL on CUDA and Gloo
-on the CPU. Rank ``r`` of ``W`` evaluates samples ``r, r + W, r + 2W, ...`` of the work list.
+on the CPU. A single process is rank 0 of a world of 1, and every helper is then a no-op.
 
-Only plain tensors cross process boundaries (``all_gather`` of integers, floats and UTF-8
-bytes, padded to a common length): nothing is pickled, so a peer cannot make another rank run
-code. Every rank may sit on another machine without a shared file system: rank 0 writes the
-merged results from what it gathered, not from the other ranks' files.
+Only plain tensors cross process boundaries (``all_gather`` / ``all_reduce`` of numbers and
+bytes): nothing is pickled, so a peer cannot make another rank run code.
+
+Public API:
+    World, launched_world_size(), init_world(device), close_world(world), barrier(world)
+    all_true(world, value), any_per_item(world, flags)
+    max_over_ranks(world, value), sum_over_ranks(world, value)
+    gather_counts(world, count), all_gather_variable(world, tensor)
 """
 
 from __future__ import annotations
@@ -18,11 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from .records import SampleRow
-
-#: Bytes of a failed sample's error message that travel to rank 0 (longer ones are cut).
-ERROR_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -114,61 +114,30 @@ def sum_over_ranks(world: World, value: float) -> float:
     return _reduce(world, value, dist.ReduceOp.SUM)
 
 
-def _gather_padded(world: World, tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Concatenation over ranks of ``tensor`` (N_r x ...), N_r padded to the largest."""
+def gather_counts(world: World, count: int) -> list[int]:
+    """Every rank's ``count``, in rank order (the same list on every rank)."""
+    if not world.distributed:
+        return [count]
+    mine = torch.tensor([count], dtype=torch.int64, device=world.device)
+    counts = [torch.zeros_like(mine) for _ in range(world.size)]
+    dist.all_gather(counts, mine)
+    return [int(c.item()) for c in counts]
+
+
+def all_gather_variable(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (N_r x ..., N_r may differ; the other dimensions and the dtype
+    must not), concatenated in rank order, on every rank.
+
+    Each rank's rows are padded to the longest for the collective and cut back after it;
+    only tensors travel (no pickling).
+    """
+    if not world.distributed:
+        return tensor
+    counts = gather_counts(world, tensor.shape[0])
+    tensor = tensor.to(world.device)
     longest = max(counts)
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
     padded[:tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world.size)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
-
-
-def _none_to(value: int | None) -> int:
-    return -1 if value is None else value
-
-
-def _to_none(value: int) -> int | None:
-    return None if value < 0 else value
-
-
-def gather_rows(world: World, rows: list[SampleRow],
-                names: list[tuple[str, str]]) -> list[SampleRow]:
-    """Every rank's rows, on every rank (in rank order; callers order them by index).
-
-    Args:
-        rows: this rank's rows.
-        names: ``(sample_id, task)`` per index of the selection (identical on every rank),
-            so that names do not need to travel.
-    """
-    if not world.distributed:
-        return list(rows)
-    count = torch.tensor([len(rows)], dtype=torch.int64, device=world.device)
-    counts = [torch.zeros_like(count) for _ in range(world.size)]
-    dist.all_gather(counts, count)
-    counts = [int(c.item()) for c in counts]
-    if sum(counts) == 0:
-        return []
-    # Columns: index, I, U, native I, native U (-1 for None).
-    numbers = torch.tensor(
-        [[r.index, _none_to(r.intersection), _none_to(r.union),
-          _none_to(r.native_intersection), _none_to(r.native_union)] for r in rows],
-        dtype=torch.int64).reshape(len(rows), 5)
-    seconds = torch.tensor([r.seconds for r in rows], dtype=torch.float64)
-    error_bytes = np.zeros((len(rows), ERROR_BYTES), dtype=np.uint8)
-    for i, row in enumerate(rows):
-        data = row.error.encode("utf-8")[:ERROR_BYTES]
-        error_bytes[i, :len(data)] = np.frombuffer(data, dtype=np.uint8)
-    errors = torch.from_numpy(error_bytes)
-    numbers, seconds, errors = (_gather_padded(world, t.to(world.device), counts).cpu()
-                                for t in (numbers, seconds, errors))
-    gathered = []
-    for (index, inter, union, n_inter, n_union), sec, err in zip(
-            numbers.tolist(), seconds.tolist(), errors.numpy(), strict=True):
-        sample_id, task = names[index]
-        message = bytes(err).rstrip(b"\0").decode("utf-8", errors="ignore")
-        gathered.append(SampleRow(
-            index=index, sample_id=sample_id, task=task, intersection=_to_none(inter),
-            union=_to_none(union), seconds=sec, error=message,
-            native_intersection=_to_none(n_inter), native_union=_to_none(n_union)))
-    return gathered
