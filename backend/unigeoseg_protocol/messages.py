@@ -21,8 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .errors import ErrorCode, ProtocolError
+
+#: One frame of a multipart message: bytes, a memoryview, or a ``zmq.Frame`` (received with
+#: ``copy=False``; this module never imports zmq, so it is not named in the types).
+Frame = Any
 
 #: Version of the wire protocol; a peer speaking another major version is refused.
 PROTOCOL_VERSION = 1
@@ -44,15 +49,17 @@ class Message:
     """A decoded message: its JSON header and the arrays its frames carried."""
 
     header: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, NDArray[Any]] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
-        return self.header["id"]
+        request_id: str = self.header["id"]
+        return request_id
 
     @property
     def op(self) -> str | None:
-        return self.header.get("op")
+        op = self.header.get("op")
+        return op if isinstance(op, str) else None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -61,7 +68,7 @@ class Message:
 
 
 def encode_message(header: Mapping[str, Any],
-                   arrays: Mapping[str, np.ndarray] | None = None) -> list:
+                   arrays: Mapping[str, NDArray[Any]] | None = None) -> list[Frame]:
     """Build the frames of one message.
 
     Args:
@@ -74,20 +81,20 @@ def encode_message(header: Mapping[str, Any],
     """
     header = dict(header)
     header.setdefault("v", PROTOCOL_VERSION)
-    frames: list = [b""]
+    frames: list[Frame] = [b""]
     descriptors = {}
     for name, array in (arrays or {}).items():
         wire = _to_wire_array(name, np.asarray(array))
         descriptors[name] = {"frame": len(frames), "dtype": wire.dtype.name,
                              "shape": list(wire.shape)}
-        frames.append(memoryview(wire).cast("B") if wire.size else b"")
+        frames.append(wire.data.cast("B") if wire.size else b"")
     if descriptors:
         header["arrays"] = descriptors
     frames[0] = json.dumps(header, allow_nan=False, separators=(",", ":")).encode("utf-8")
     return frames
 
 
-def decode_message(frames: Sequence, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+def decode_message(frames: Sequence[Frame], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Parse and validate the frames of one message.
 
     Raises:
@@ -151,7 +158,7 @@ def is_final(header: Mapping[str, Any]) -> bool:
 # --------------------------------------------------------------------------- internals
 
 
-def _nbytes(frame) -> int:
+def _nbytes(frame: Frame) -> int:
     if hasattr(frame, "nbytes"):
         return int(frame.nbytes)
     if hasattr(frame, "buffer"):  # zmq.Frame
@@ -159,13 +166,13 @@ def _nbytes(frame) -> int:
     return len(frame)
 
 
-def _as_buffer(frame):
+def _as_buffer(frame: Frame) -> Frame:
     if hasattr(frame, "buffer") and not isinstance(frame, (bytes, bytearray, memoryview)):
         return frame.buffer  # zmq.Frame received with copy=False
     return frame
 
 
-def _to_wire_array(name: str, array: np.ndarray) -> np.ndarray:
+def _to_wire_array(name: str, array: NDArray[Any]) -> NDArray[Any]:
     if array.dtype.name not in WIRE_DTYPES:
         raise ProtocolError(ErrorCode.BAD_FRAME,
                             f"array {name!r}: dtype {array.dtype} cannot travel")
@@ -175,7 +182,7 @@ def _to_wire_array(name: str, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=little)
 
 
-def _parse_header(frame) -> dict[str, Any]:
+def _parse_header(frame: Frame) -> dict[str, Any]:
     raw = bytes(_as_buffer(frame))
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
@@ -205,17 +212,17 @@ def _parse_header(frame) -> dict[str, Any]:
     return header
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
-def _parse_arrays(header: dict[str, Any], frames: Sequence) -> dict[str, np.ndarray]:
+def _parse_arrays(header: dict[str, Any], frames: Sequence[Frame]) -> dict[str, NDArray[Any]]:
     request_id = header["id"]
     descriptors = header.get("arrays", {})
     if not isinstance(descriptors, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'arrays' must be a JSON object",
                             request_id=request_id)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, NDArray[Any]] = {}
     used_frames: set[int] = set()
     for name, desc in descriptors.items():
         index, dtype, shape = _check_descriptor(name, desc, request_id)
