@@ -31,7 +31,7 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 from unigeoseg_backend.datasets.coco_mask import encode_rle
-from unigeoseg_backend.model.prompting import PromptTemplate, Task
+from unigeoseg_backend.model.prompting import PromptTemplate
 
 #: Bytes that no image decoder accepts (the "corrupt image" trap).
 CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n this is not an image"
@@ -58,7 +58,7 @@ class ExpectedSample:
     """
 
     sample_id: str
-    task: Task
+    task: str
     template: PromptTemplate
     instruction: str
     answer: str | None
@@ -151,7 +151,7 @@ def build_geoseg_bench(directory: Path, layout: str = "A", size: int = 64) -> Fi
     """
     root = _mkdir(directory, f"geoseg_bench_{layout}")
     tree = FixtureTree("geoseg-bench", root, "test")
-    folders = {"ref": Task.REFERRING, "interactive": Task.INTERACTIVE, "reason": Task.REASONING}
+    folders = {"ref": "referring", "interactive": "interactive", "reason": "reasoning"}
     for rank, folder in enumerate(sorted(folders)):  # listing order: folder name order
         task = folders[folder]
         index_dir = _mkdir(root, folder) if layout == "A" else _mkdir(root, folder, "test")
@@ -185,7 +185,7 @@ def build_geoseg_bench(directory: Path, layout: str = "A", size: int = 64) -> Fi
             entries.append({"img": f"{entry_prefix}images/{stem}.png",
                             "mask": f"{entry_prefix}masks/{stem}.png",
                             "json": f"{entry_prefix}jsons/{stem}.json"})
-            sample_id = f"{task.value}/{i}:{stem}"
+            sample_id = f"{task}/{i}:{stem}"
             if folder == "ref" and i == 3:
                 tree.problems.append(sample_id)
                 continue
@@ -252,7 +252,7 @@ def build_rrsisd(directory: Path, size: int = 64) -> FixtureTree:
         if height is None:
             tree.problems.append(str(ref_id))
             continue
-        tree.add(ExpectedSample(str(ref_id), Task.REFERRING, PromptTemplate.RRSISD,
+        tree.add(ExpectedSample(str(ref_id), "referring", PromptTemplate.RRSISD,
                                 RRSISD_SENTENCE, None, mask=mask, image_shape=(height, s)))
     _write_json({"images": images, "annotations": annotations,
                  "categories": [{"name": "baseballfield", "id": 4}]},
@@ -318,7 +318,7 @@ def build_refsegrs(directory: Path, size: int = 64) -> FixtureTree:
                 continue
             if trap == "corrupt":
                 tree.unreadable[sample_id] = f"{image_id}.tif"
-            tree.add(ExpectedSample(sample_id, Task.REFERRING, PromptTemplate.REFSEGRS, phrase,
+            tree.add(ExpectedSample(sample_id, "referring", PromptTemplate.REFSEGRS, phrase,
                                     None, mask=(raw == 255) | (raw == 1), image_shape=(s, s),
                                     rgb=None if trap == "corrupt" else rgb,
                                     robust_mask=raw > 127))
@@ -362,7 +362,7 @@ def build_earthreason(directory: Path, size: int = 64, nest: str = "split") -> F
         _write_json({"questions": EARTHREASON_QUESTIONS,
                      "answer": [EARTHREASON_ANSWER] if has_target else []},
                     base / "QAs" / f"{stem}{qa_ext}")
-        tree.add(ExpectedSample(stem, Task.REASONING, PromptTemplate.EARTHREASON,
+        tree.add(ExpectedSample(stem, "reasoning", PromptTemplate.EARTHREASON,
                                 EARTHREASON_QUESTIONS[0],
                                 EARTHREASON_ANSWER if has_target else None, mask=raw != 0,
                                 image_shape=(h, w), rgb=rgb if ext == ".png" else None))
@@ -421,7 +421,7 @@ def build_local(directory: Path, size: int = 64) -> FixtureTree:
     _save(mask, root / "masks" / "rgba.png")
     records.append({"id": "rgba-png", "image": "images/rgba.png", "mask": "masks/rgba.png",
                     "instruction": "the building in the top left", "task": "referring"})
-    tree.add(ExpectedSample("rgba-png", Task.REFERRING, PromptTemplate.GEOSEG_BENCH,
+    tree.add(ExpectedSample("rgba-png", "referring", PromptTemplate.GEOSEG_BENCH,
                             "the building in the top left", None, mask=mask > 0,
                             image_shape=(s, s), rgb=rgba[:, :, :3].copy()))
 
@@ -434,7 +434,7 @@ def build_local(directory: Path, size: int = 64) -> FixtureTree:
     records.append({"id": "chip-16bit", "image": "images/chip16.tif",
                     "mask": "masks/chip16.tif", "instruction": INTERACTIVE_BOX,
                     "task": "intera"})
-    tree.add(ExpectedSample("chip-16bit", Task.INTERACTIVE, PromptTemplate.GEOSEG_BENCH,
+    tree.add(ExpectedSample("chip-16bit", "interactive", PromptTemplate.GEOSEG_BENCH,
                             INTERACTIVE_BOX, None, mask=chip_mask == 1,
                             image_shape=CHIP_SHAPE, rgb=chip_rgb))
 
@@ -446,7 +446,7 @@ def build_local(directory: Path, size: int = 64) -> FixtureTree:
     records.append({"id": 7, "image": "images/grey.tif", "mask": "masks/grey.png",
                     "instruction": REASON_QUESTION, "task": "reasoning",
                     "answer": REASON_ANSWER, "template": "earthreason"})
-    tree.add(ExpectedSample("7", Task.REASONING, PromptTemplate.EARTHREASON, REASON_QUESTION,
+    tree.add(ExpectedSample("7", "reasoning", PromptTemplate.EARTHREASON, REASON_QUESTION,
                             REASON_ANSWER, mask=grey_mask > 0, image_shape=(s, s),
                             rgb=np.repeat(grey[:, :, np.newaxis], 3, axis=2)))
 
@@ -454,7 +454,7 @@ def build_local(directory: Path, size: int = 64) -> FixtureTree:
     (root / "images" / "corrupt.tif").write_bytes(CORRUPT_BYTES)
     records.append({"id": "corrupt-chip", "image": "images/corrupt.tif",
                     "mask": "masks/grey.png", "instruction": "anything", "task": "ref"})
-    tree.add(ExpectedSample("corrupt-chip", Task.REFERRING, PromptTemplate.GEOSEG_BENCH,
+    tree.add(ExpectedSample("corrupt-chip", "referring", PromptTemplate.GEOSEG_BENCH,
                             "anything", None, mask=grey_mask > 0, image_shape=(s, s)))
     tree.unreadable["corrupt-chip"] = "corrupt.tif"
 

@@ -61,7 +61,7 @@ def main() -> int:
             sequence = text.with_image(vision.visual_tokens[0])
             hidden = model._run_language_model([sequence])[0]
             refer = hidden[text.refer_span(len(sequence))]
-            query = model.heads.build_seg_query([refer], [prompt.task.value], vision.res5)
+            query = model.heads.build_seg_query([refer], [prompt.task], vision.res5)
             logits = model.segment(vision, [prompt])[0, 0].numpy()
 
             # The official sequence goes on after <refer> (the response and <answer>); the

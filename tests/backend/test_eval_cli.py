@@ -27,7 +27,7 @@ from unigeoseg_backend.evaluation.pipeline import EvalSettings, evaluate
 from unigeoseg_backend.evaluation.records import COLUMNS, ROWS, RowWriter, SampleRow, read_rows
 from unigeoseg_backend.evaluation.runner import Evaluator
 from unigeoseg_backend.model.preprocess import letterbox_image, logits_to_tile
-from unigeoseg_backend.model.prompting import PromptTemplate, Task, build_prompt
+from unigeoseg_backend.model.prompting import PromptTemplate, build_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 SUBPROCESS_TIMEOUT_S = 240
@@ -43,7 +43,7 @@ def loaded(tiny_model_dir):
 # ---------------------------------------------------------------------- hand-made samples
 
 
-def _sample(i: int, task: Task = Task.REFERRING, shape=(48, 72), mask_shape=None,
+def _sample(i: int, task: str = "referring", shape=(48, 72), mask_shape=None,
             broken: bool = False) -> Sample:
     rng = np.random.default_rng(i)
     image = (rng.random((*shape, 3)) * 255).astype(np.uint8)
@@ -62,7 +62,7 @@ def _sample(i: int, task: Task = Task.REFERRING, shape=(48, 72), mask_shape=None
 
 
 def _listing(n: int = 6, broken: tuple[int, ...] = ()) -> DatasetListing:
-    tasks = [Task.REFERRING, Task.REASONING, Task.INTERACTIVE]
+    tasks = ["referring", "reasoning", "interactive"]
     samples = [_sample(i, tasks[i % 3], shape=(48 + 8 * (i % 2), 72), broken=i in broken)
                for i in range(n)]
     return DatasetListing("hand", Path("."), "test", samples,
@@ -86,7 +86,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 def test_evaluator_matches_the_model_run_by_hand(loaded):
     """Letterbox, encode, segment, bilinear to S, > 0, against the letterboxed mask."""
-    sample = _sample(3, Task.REASONING, shape=(40, 70), mask_shape=(20, 35))
+    sample = _sample(3, "reasoning", shape=(40, 70), mask_shape=(20, 35))
     rows: list[SampleRow] = []
     Evaluator(loaded, native_resolution=True, workers=0).run([(0, sample)], 1, rows.extend)
 
@@ -200,7 +200,7 @@ def test_rsvg_scores_the_box_of_the_largest_component(tmp_path, loaded, tiny_mod
     from unigeoseg_backend.errors import InvalidInputError
     from unigeoseg_backend.evaluation.metrics import largest_component_box
 
-    sample = _sample(1, Task.REFERRING, shape=(40, 70))
+    sample = _sample(1, "referring", shape=(40, 70))
     masks, boxes = [], []
     Evaluator(loaded, workers=0).run([(0, sample)], 1, masks.extend)
     Evaluator(loaded, workers=0, box_predictions=True).run([(0, sample)], 1, boxes.extend)
@@ -313,7 +313,7 @@ def test_command_on_every_layout(tmp_path, trees, layout, tiny_model_dir, capsys
     assert doc["metrics"]["overall"]["failed"] == failed
     assert doc["metrics"]["overall"]["count"] == listed - failed
     assert doc["native_metrics"]["overall"]["count"] == listed - failed
-    tasks = {s.task.value for s in tree.samples.values()}
+    tasks = {s.task for s in tree.samples.values()}
     assert set(doc["metrics"]) == tasks | {"overall"}
     rows = _csv(out / ROWS)
     assert sorted(r["sample_id"] for r in rows) == sorted(tree.samples)

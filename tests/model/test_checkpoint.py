@@ -34,7 +34,6 @@ from unigeoseg_backend.model.conversion import fuse_qkv, model_to_released, spli
 from unigeoseg_backend.model.manifest import load_manifest, manifest_tensors
 from unigeoseg_backend.model.prompting import (
     PAD_TOKEN,
-    Task,
     add_special_tokens,
     build_prompt,
     seg_token_id,
@@ -215,7 +214,7 @@ def test_tiny_round_trip_is_exact(name, tmp_path, tokenizer):
     torch.manual_seed(2)
     size = model.config.image_size
     images = torch.randn(1, 3, size, size)
-    prompt = build_prompt(Task.REFERRING, "the red roof", loaded.tokenizer)
+    prompt = build_prompt("referring", "the red roof", loaded.tokenizer)
     with torch.no_grad():
         expected = model.segment(model.encode_images(images), [prompt])
         got = loaded.model.segment(loaded.model.encode_images(images), [prompt])

@@ -26,7 +26,6 @@ from unigeoseg_backend.model.prompting import (
     REFER_TOKEN_INDEX,
     SEG_TOKEN_INDEX,
     PromptTemplate,
-    Task,
     add_special_tokens,
     build_prompt,
     interactive_instruction,
@@ -34,6 +33,7 @@ from unigeoseg_backend.model.prompting import (
     render_prompt,
     seg_token_id,
 )
+from unigeoseg_protocol.vocabulary import TASKS
 
 LM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.final_layernorm.", "lm_head.")
 
@@ -236,7 +236,7 @@ def test_template_text():
     assert render_prompt(PromptTemplate.RRSISD).endswith("<refer> [/INST] \nSure. <|endoftext|>")
 
 
-@pytest.mark.parametrize("task", list(Task))
+@pytest.mark.parametrize("task", TASKS)
 def test_geoseg_bench_prompt_ids(tokenizer, task):
     instruction = "the red roof next to the river"
     p = build_prompt(task, instruction, tokenizer)
@@ -244,7 +244,7 @@ def test_geoseg_bench_prompt_ids(tokenizer, task):
     # Reasoning wording for every task on GeoSeg-Bench; the task only sets prompt_type
     assert p.text == render_prompt(PromptTemplate.GEOSEG_BENCH)
     assert p.prompt_type == {"referring": "ref", "reasoning": "reason",
-                             "interactive": "intera"}[task.value]
+                             "interactive": "intera"}[task]
     assert [i for i in ids if i < 0] == [IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX,
                                          SEG_TOKEN_INDEX, ANSWER_TOKEN_INDEX]
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -275,7 +275,7 @@ def test_other_templates_and_answers(tokenizer):
     p = build_prompt("reasoning", "x", tokenizer, answer="the red roof")
     assert p.answer_ids[-1] == seg and tokenizer.decode(p.answer_ids[:-1]) == "the red roof"
 
-    p = build_prompt(Task.REFERRING, "the red roof", tokenizer, template=PromptTemplate.REFSEGRS)
+    p = build_prompt("referring", "the red roof", tokenizer, template=PromptTemplate.REFSEGRS)
     assert p.answer_ids is None and p.dataset_type == "refer_seg"
     assert [i for i in p.input_ids if i < 0] == [IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX,
                                                  SEG_TOKEN_INDEX]

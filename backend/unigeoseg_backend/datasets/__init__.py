@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..model.prompting import Task
 from .base import (
     DatasetError,
     DatasetListing,
@@ -30,8 +29,8 @@ from .rrsis_d import list_rrsis_d
 DATASETS = ("geoseg-bench", "rrsis-d", "refsegrs", "earthreason", "local")
 
 #: The one task of the single-task public benchmarks.
-_FIXED_TASK = {"rrsis-d": Task.REFERRING, "refsegrs": Task.REFERRING,
-               "earthreason": Task.REASONING}
+_FIXED_TASK = {"rrsis-d": "referring", "refsegrs": "referring",
+               "earthreason": "reasoning"}
 
 __all__ = [
     "DATASETS", "MASK_RULES", "DatasetError", "DatasetListing", "Sample", "SampleProblem",
@@ -40,7 +39,7 @@ __all__ = [
 
 
 def open_dataset(name: str, root: str | Path, split: str = "test",
-                 task: Task | str | None = None, *,
+                 task: str | None = None, *,
                  mask_rule: str = "official") -> DatasetListing:
     """List the samples of one dataset split.
 
@@ -50,7 +49,7 @@ def open_dataset(name: str, root: str | Path, split: str = "test",
             GeoSeg-Bench also takes one task folder).
         split: ``test``, ``val``, ``train``, ... (the official eval allows only val/test for
             the public sets; the trainer needs train).
-        task: a Task or a name (``referring``/``ref``, ``interactive``/``intera``,
+        task: a task name (``referring``/``ref``, ``interactive``/``intera``,
             ``reasoning``/``reason``). GeoSeg-Bench and local: only that task's samples
             (GeoSeg-Bench: required for a task folder with an unknown name). RRSIS-D and
             RefSegRS hold referring samples, EarthReason reasoning ones: another task is an
@@ -75,7 +74,7 @@ def open_dataset(name: str, root: str | Path, split: str = "test",
         raise DatasetError(f"{name} root {root} is not a directory")
     fixed = _FIXED_TASK.get(key)
     if fixed is not None and wanted is not None and wanted != fixed:
-        raise DatasetError(f"{key} holds {fixed.value} samples only, not {wanted.value}")
+        raise DatasetError(f"{key} holds {fixed} samples only, not {wanted}")
 
     if key == "geoseg-bench":
         return list_geoseg_bench(root, split, wanted, mask_rule)

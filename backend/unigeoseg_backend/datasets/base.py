@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from unigeoseg_protocol.vocabulary import TASKS
+
 from ..errors import InvalidInputError, UniGeoSegError
-from ..model.prompting import PromptTemplate, Task
+from ..model.prompting import PromptTemplate
 
 
 class DatasetError(InvalidInputError):
@@ -59,7 +61,7 @@ class Sample:
     """
 
     sample_id: str
-    task: Task
+    task: str
     template: PromptTemplate
     instruction: str
     answer: str | None
@@ -87,16 +89,15 @@ class DatasetListing:
     problems: list[SampleProblem] = field(default_factory=list)
 
 
-#: Names that mean a task: the Task values, the official ``prompt_type`` strings, and the
-#: task folder names of GeoSeg-Bench (``ref``, ``interactive``, ``reason`` and variants).
-TASK_NAMES: dict[str, Task] = {
-    "ref": Task.REFERRING, "referring": Task.REFERRING,
-    "intera": Task.INTERACTIVE, "interactive": Task.INTERACTIVE,
-    "reason": Task.REASONING, "reasoning": Task.REASONING,
+#: Names that mean a task: the task names themselves, the official ``prompt_type`` strings,
+#: and the task folder names of GeoSeg-Bench (``ref``, ``interactive``, ``reason``).
+TASK_NAMES: dict[str, str] = {
+    **{task: task for task in TASKS},
+    "ref": "referring", "intera": "interactive", "reason": "reasoning",
 }
 
 
-def task_from_name(name: str) -> Task | None:
+def task_from_name(name: str) -> str | None:
     """The task an exact (case-insensitive) name in :data:`TASK_NAMES` means, else None.
 
     Never a substring test: the official eval's ``'/intera/' in path`` misses the released
@@ -105,10 +106,11 @@ def task_from_name(name: str) -> Task | None:
     return TASK_NAMES.get(name.strip().lower())
 
 
-def parse_task(task: Task | str | None) -> Task | None:
-    """``task`` as a Task (None stays None); an unknown name raises DatasetError."""
-    if task is None or isinstance(task, Task):
-        return task
+def parse_task(task: str | None) -> str | None:
+    """``task`` (a name of :data:`TASK_NAMES`) as a task name of ``TASKS``; None stays None,
+    an unknown name raises DatasetError."""
+    if task is None:
+        return None
     parsed = task_from_name(task) if isinstance(task, str) else None
     if parsed is None:
         raise DatasetError(f"unknown task {task!r}: use one of {', '.join(TASK_NAMES)}")

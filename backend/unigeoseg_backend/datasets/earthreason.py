@@ -18,7 +18,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from ..model.prompting import PromptTemplate, Task
+from ..model.prompting import PromptTemplate
 from .base import (
     DatasetError,
     DatasetListing,
@@ -73,7 +73,7 @@ def list_earthreason(root: Path, split: str = "test") -> DatasetListing:
             listing.problems.append(SampleProblem(stem, str(exc)))
             continue
         listing.samples.append(Sample(
-            sample_id=stem, task=Task.REASONING, template=PromptTemplate.EARTHREASON,
+            sample_id=stem, task="reasoning", template=PromptTemplate.EARTHREASON,
             instruction=question, answer=answer, image_path=image,
             image_reader=partial(read_rgb, image),
             mask_reader=partial(read_mask, label, "nonzero")))

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..model.prompting import PromptTemplate, Task
+from ..model.prompting import PromptTemplate
 from .base import (
     DatasetError,
     DatasetListing,
@@ -40,7 +40,7 @@ from .images import missing_problems, read_mask, read_rgb
 NAME = "geoseg-bench"
 
 
-def list_geoseg_bench(root: Path, split: str = "test", task: Task | None = None,
+def list_geoseg_bench(root: Path, split: str = "test", task: str | None = None,
                       mask_rule: str = "official") -> DatasetListing:
     """List GeoSeg-Bench samples.
 
@@ -83,7 +83,7 @@ def list_geoseg_bench(root: Path, split: str = "test", task: Task | None = None,
 
 
 def _task_folders(root: Path, split: str,
-                  task: Task | None) -> list[tuple[Path, Task, Path | None]]:
+                  task: str | None) -> list[tuple[Path, str, Path | None]]:
     """``(task folder, task, index file if already found)`` to read, sorted by folder name."""
     index = _find_index(root, split, required=False)
     if index is not None:
@@ -96,20 +96,20 @@ def _task_folders(root: Path, split: str,
                 f"cannot tell the task of {root}: its folder name is none of ref, "
                 f"referring, interactive, intera, reason, reasoning; pass the task")
         if named is not None and task is not None and named != task:
-            raise DatasetError(f"{folder} is a {named.value} folder, not {task.value}")
+            raise DatasetError(f"{folder} is a {named} folder, not {task}")
         return [(folder, task or named, index)]  # type: ignore[list-item]
 
-    found: dict[Task, Path] = {}
+    found: dict[str, Path] = {}
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         child_task = task_from_name(child.name)
         if child_task is None or (task is not None and child_task != task):
             continue
         if child_task in found:
             raise DatasetError(f"both {found[child_task].name}/ and {child.name}/ in {root} "
-                               f"hold {child_task.value} samples; pass one of them as root")
+                               f"hold {child_task} samples; pass one of them as root")
         found[child_task] = child
     if not found:
-        wanted = f" for task {task.value}" if task is not None else ""
+        wanted = f" for task {task}" if task is not None else ""
         raise DatasetError(
             f"no GeoSeg-Bench task folder{wanted} in {root} and no {split}.json in it: "
             f"expected ref/, interactive/, reason/ (or referring/, intera/, reasoning/)")
@@ -145,10 +145,10 @@ def _resolve(relative: str, index_dir: Path, task_dir: Path) -> Path:
     return second if second.exists() else first
 
 
-def _entry_sample(entry: Any, i: int, task: Task, index_dir: Path, task_dir: Path, rule: str,
+def _entry_sample(entry: Any, i: int, task: str, index_dir: Path, task_dir: Path, rule: str,
                   problems: list[SampleProblem]) -> Sample | None:
     """The Sample of index entry ``i``, or None with a problem appended."""
-    where = f"{task.value}/{i}"
+    where = f"{task}/{i}"
     if not isinstance(entry, dict) or not all(
             isinstance(entry.get(k), str) and entry.get(k) for k in ("img", "mask", "json")):
         problems.append(SampleProblem(where, f"index entry {i} in {index_dir} lacks "

@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..model.prompting import PromptTemplate, Task
+from ..model.prompting import PromptTemplate
 from .base import DatasetListing, Sample, SampleProblem, read_index_lines, task_from_name
 from .images import missing_problems, read_mask, read_rgb
 
@@ -41,7 +41,7 @@ NAME = "local"
 REQUIRED_KEYS = ("id", "image", "mask", "instruction", "task")
 
 
-def list_local(root: Path, split: str = "test", task: Task | None = None) -> DatasetListing:
+def list_local(root: Path, split: str = "test", task: str | None = None) -> DatasetListing:
     """List the records of ``<root>/{split}.jsonl`` (only ``task``'s when given).
 
     Raises:

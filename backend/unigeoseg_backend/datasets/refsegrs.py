@@ -22,7 +22,7 @@ import re
 from functools import partial
 from pathlib import Path
 
-from ..model.prompting import PromptTemplate, Task
+from ..model.prompting import PromptTemplate
 from .base import DatasetListing, Sample, SampleProblem, read_index_lines
 from .images import missing_problems, read_mask, read_rgb
 
@@ -65,7 +65,7 @@ def list_refsegrs(root: Path, split: str = "test",
             listing.problems.extend(missing)
             continue
         listing.samples.append(Sample(
-            sample_id=sample_id, task=Task.REFERRING, template=PromptTemplate.REFSEGRS,
+            sample_id=sample_id, task="referring", template=PromptTemplate.REFSEGRS,
             instruction=phrase, answer=None, image_path=image,
             image_reader=partial(read_rgb, image), mask_reader=partial(read_mask, mask, rule)))
     return listing

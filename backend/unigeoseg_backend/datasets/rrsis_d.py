@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.prompting import PromptTemplate, Task
+from ..model.prompting import PromptTemplate
 from .base import DatasetError, DatasetListing, Sample, SampleProblem, SampleReadError
 from .coco_mask import SegmentationError, segmentation_to_mask
 from .images import missing_problems, read_rgb
@@ -154,7 +154,7 @@ def list_rrsis_d(root: Path, split: str = "test") -> DatasetListing:
             continue
         seen.add(where)
         listing.samples.append(Sample(
-            sample_id=where, task=Task.REFERRING, template=PromptTemplate.RRSISD,
+            sample_id=where, task="referring", template=PromptTemplate.RRSISD,
             instruction=sentence, answer=None, image_path=image_path,
             image_reader=partial(read_rgb, image_path),
             mask_reader=partial(_read_mask, segmentation, image_meta.get("height"),

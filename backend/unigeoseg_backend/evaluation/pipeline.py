@@ -190,7 +190,7 @@ def evaluate(settings: EvalSettings, listing: DatasetListing, model_path: Path,
 
     # The earlier successes this rank read (failures were retried), then its new rows. With
     # a shared file system every rank sends the same earlier rows; they are identical.
-    names = [(s.sample_id, s.task.value) for s in samples]
+    names = [(s.sample_id, s.task) for s in samples]
     kept = [row for row in previous.values() if not row.failed]
     gathered = gather_rows(world, [*kept, *fresh], names)
     computed = int(sum_over_ranks(world, len(fresh)))

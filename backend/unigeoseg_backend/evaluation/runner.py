@@ -69,7 +69,7 @@ class Prediction:
 
 
 def failed_row(index: int, sample: Sample, error: BaseException, seconds: float) -> SampleRow:
-    return SampleRow(index=index, sample_id=sample.sample_id, task=sample.task.value,
+    return SampleRow(index=index, sample_id=sample.sample_id, task=sample.task,
                      intersection=None, union=None, seconds=seconds, error=failure_text(error))
 
 
@@ -185,7 +185,7 @@ class Evaluator:
             native = intersection_union(native_mask, prepared.native_target)
         sample = prepared.sample
         return SampleRow(index=prepared.index, sample_id=sample.sample_id,
-                         task=sample.task.value, intersection=intersection, union=union,
+                         task=sample.task, intersection=intersection, union=union,
                          seconds=seconds, native_intersection=native[0],
                          native_union=native[1])
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from unigeoseg_protocol.vocabulary import TASKS
+
 from ..errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -64,17 +66,8 @@ SYSTEM_PROMPT = (
 _INST_CLOSE = "[/INST] "  # splits a round into instruction and response (label masking)
 
 
-class Task(str, Enum):
-    """What the user asks for; selects the TATE branch and the LKM weight."""
-
-    REFERRING = "referring"
-    REASONING = "reasoning"
-    INTERACTIVE = "interactive"
-
-    @property
-    def prompt_type(self) -> str:
-        """The official ``prompt_type`` string: ``'ref'``, ``'reason'`` or ``'intera'``."""
-        return {"referring": "ref", "reasoning": "reason", "interactive": "intera"}[self.value]
+#: Task name (``unigeoseg_protocol.vocabulary.TASKS``) -> the official ``prompt_type``.
+PROMPT_TYPES = {"referring": "ref", "reasoning": "reason", "interactive": "intera"}
 
 
 class PromptTemplate(str, Enum):
@@ -111,7 +104,8 @@ class TokenizedPrompt:
     """One tokenised UniGeoSeg prompt.
 
     Attributes:
-        task: the explicit task.
+        task: the explicit task, a name of ``unigeoseg_protocol.vocabulary.TASKS``; it
+            selects the TATE branch and the LKM weight.
         template: the wording used.
         text: rendered conversation with the placeholders still as text.
         input_ids: token ids with placeholder ids (IMAGE_TOKEN_INDEX, ...) in place.
@@ -124,7 +118,7 @@ class TokenizedPrompt:
             (normalised; box 1x4 XYXY or points Nx2 XY), else None.
     """
 
-    task: Task
+    task: str
     template: PromptTemplate
     text: str
     input_ids: list[int]
@@ -136,7 +130,8 @@ class TokenizedPrompt:
 
     @property
     def prompt_type(self) -> str:
-        return self.task.prompt_type
+        """The official ``prompt_type`` string: ``'ref'``, ``'reason'`` or ``'intera'``."""
+        return PROMPT_TYPES[self.task]
 
 
 def add_special_tokens(tokenizer: Any) -> int:
@@ -225,7 +220,7 @@ def _official_labels(text: str, input_ids: list[int], tokenizer: Any) -> list[in
 
 
 def build_prompt(
-    task: Task | str,
+    task: str,
     instruction: str,
     tokenizer: Any,
     *,
@@ -245,7 +240,8 @@ def build_prompt(
         answer: reason text for ``<answer>`` (templates that have it); None or "" gives the
             template's empty answer.
     """
-    task = Task(task)
+    if task not in TASKS:
+        raise InvalidInputError(f"unknown task {task!r}; expected one of {TASKS}")
     template = PromptTemplate(template)
     spec = _TEMPLATES[template]
     if not instruction.strip():
@@ -261,7 +257,7 @@ def build_prompt(
     if spec.empty_answer is not None:
         answer_text = answer if answer else spec.empty_answer
         answer_ids = tokenizer.encode(answer_text, add_special_tokens=False) + [seg_id]
-    coords = parse_interactive_coords(instruction) if task is Task.INTERACTIVE else None
+    coords = parse_interactive_coords(instruction) if task == "interactive" else None
     return TokenizedPrompt(task=task, template=template, text=text, input_ids=input_ids,
                   labels=_official_labels(text, input_ids, tokenizer), refer_ids=refer_ids,
                   answer_ids=answer_ids, dataset_type=spec.dataset_type, intera_coords=coords)

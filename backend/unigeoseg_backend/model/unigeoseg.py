@@ -351,7 +351,7 @@ class UniGeoSeg(nn.Module):
     def _seg_queries(self, refer_states: list[Tensor], prompts: list[TokenizedPrompt],
                      res5: Tensor) -> Tensor:
         """The mask decoder's queries, B x 1 x seg_dim."""
-        tasks = [p.task.value for p in prompts]
+        tasks = [p.task for p in prompts]
         if len(set(tasks)) == 1:
             return self.heads.build_seg_query(refer_states, tasks, res5)
         # One SEG query per tile with its own task's LKM weight. (The official code applies
@@ -409,7 +409,7 @@ class UniGeoSeg(nn.Module):
             if enhance_next:
                 coords = prompt.intera_coords
                 piece = self.heads.enhance_template(
-                    piece, prompt.task.value,
+                    piece, prompt.task,
                     None if coords is None else coords.to(device=device, dtype=piece.dtype))
                 enhance_next = False
             text.add(seen_image, piece, prompt.labels[start:offset])
