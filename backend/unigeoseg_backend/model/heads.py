@@ -12,8 +12,9 @@ this follows the code, because that is what the released checkpoint was trained 
 * ``ref_attn.query`` is shared by TATE's referring branch and the SEG pooling.
 
 Shapes use ``d`` = LLM width (2048), ``P`` = projector width (512), ``B`` = batch. Parameter names
-follow the released checkpoint (top-level names of shared/reference/unigeoseg_official_state_dict.
-*.json that are not under ``model.``, ``lm_head``, ``pixel_decoder.`` or ``predictor.``).
+follow the released checkpoint: its top-level names that are not under ``model.``, ``lm_head``,
+``pixel_decoder.`` or ``predictor.`` (``UniGeoSeg`` registers this container as ``heads``;
+``conversion.py`` adds and removes that prefix).
 """
 
 from __future__ import annotations
@@ -396,7 +397,8 @@ class SegQueryBuilder(nn.Module):
 
 
 class UniGeoSegHeads(nn.Module):
-    """Every head parameter of the released checkpoint, under its checkpoint name.
+    """Every head parameter of the released checkpoint, under its checkpoint name (relative to
+    this module).
 
     The components (:attr:`text_enhancement`, :attr:`latent_memory`, :attr:`seg_pooling`,
     :attr:`seg_query_builder`) are views built on access around the modules registered here,

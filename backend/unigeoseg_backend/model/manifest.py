@@ -1,8 +1,8 @@
 """The released checkpoint's tensor manifests (names, shapes, dtypes), shipped with the package.
 
-Derived from the public architecture definition of MiliLab/UniGeoSeg at 73abc28 (see
-shared/reference/README.md of the project): names and shapes only, no weights. Used to check
-that the clean-room modules can load the released checkpoint strictly.
+Derived from the public architecture definition of MiliLab/UniGeoSeg at 73abc28: names and
+shapes only, no weights. Used to check that the clean-room modules can load the released
+checkpoint strictly.
 """
 
 from __future__ import annotations

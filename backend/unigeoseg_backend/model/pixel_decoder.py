@@ -3,7 +3,7 @@
 Written after reading Mask2Former's ``MSDeformAttnPixelDecoder``
 (https://github.com/facebookresearch/Mask2Former, modeling/pixel_decoder/msdeformattn.py) and
 UniGeoSeg's copy of it. Module names follow the released checkpoint
-(``pixel_decoder.*`` in shared/reference/unigeoseg_official_state_dict.*.json).
+(``pixel_decoder.*`` in the manifests of ``manifests/``).
 
 Data flow for a 512 x 512 input and Swin-B features (B = batch):
 
