@@ -5,7 +5,9 @@
 * the full-size model (random weights) in bfloat16 against float32 on the GPU, as mask
   agreement (IoU of the thresholded masks) and relative error of the logits;
 * the text engine end to end on CUDA (released-layout tiny checkpoint, batched tiles and one
-  prompt at a time) against the engine on the CPU.
+  prompt at a time) against the engine on the CPU;
+* the training forward on CUDA in bfloat16 with CUDA graphs enabled (autograd must bypass
+  them): gradients on every trained parameter, the last masks equal to ``segment``'s.
 
 Exits 1 if a check is outside its tolerance. Usage: ``python benchmarks/gpu_checks.py``.
 """
@@ -136,13 +138,40 @@ def check_engine(tokenizer) -> None:
            pixel_agreement=agreement, batched_equals_single=same, seconds=seconds)
 
 
+def check_training_forward(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = UniGeoSeg(get_config("unigeoseg-tiny-sparseconv")).to("cuda", torch.bfloat16)
+    model.set_trainable()
+    model.enable_cuda_graphs()
+    images = tiles(model.config.image_size, 2).to("cuda")
+    prompts = [build_prompt("reasoning", "areas where people could swim", tokenizer,
+                            answer="the water is calm"),
+               build_prompt("referring", "the pond", tokenizer, answer="it is wet")]
+    model.eval()  # TATE's dropout off, so that forward and segment are comparable
+    outputs = model(images, prompts)
+    loss = sum(m.float().sigmoid().mean() for m in outputs.mask_logits) + \
+        torch.nn.functional.cross_entropy(outputs.lm_logits.float().flatten(0, 1),
+                                          outputs.lm_labels.flatten(), ignore_index=-100)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    with torch.no_grad():
+        inferred = [forward(model, images, prompts) for _ in range(3)]  # eager, capture, replay
+    diff = max((i - outputs.mask_logits[-1].detach().float().cpu()).abs().max().item()
+               for i in inferred)
+    scale = inferred[0].abs().max().item()
+    report("training forward cuda bf16", not missing and diff < 0.05 * scale,
+           without_grad=missing[:5], max_abs_diff=diff, max_abs_logit=scale,
+           graphs_captured=model.cuda_graphs.captures)
+    model.disable_cuda_graphs()
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}))
     tokenizer = tiny_tokenizer()
-    for check in (check_tiny, check_engine, check_full_size):
+    for check in (check_tiny, check_training_forward, check_engine, check_full_size):
         try:
             check(tokenizer)
         except Exception as exc:  # report and go on to the next check
