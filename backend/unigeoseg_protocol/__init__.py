@@ -13,7 +13,6 @@ from .curve import CurveClientKeys
 from .errors import ErrorCode, ProtocolError, RemoteError, RequestTimeout
 from .messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    OPS,
     PROTOCOL_VERSION,
     WIRE_DTYPES,
     Message,
@@ -26,6 +25,8 @@ from .messages import (
     request_header,
 )
 from .operations import (
+    OPS,
+    REQUEST_TYPES,
     CancelReply,
     CancelRequest,
     EngineInfo,
@@ -50,9 +51,9 @@ from .params import Georeference, Prompt, RasterOptions, SegmentOptions
 from .vocabulary import ENGINES, TASKS, TEXT_TASKS, default_engine, default_task
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE_BYTES", "ENGINES", "OPS", "PROTOCOL_VERSION", "TASKS", "TEXT_TASKS",
-    "WIRE_DTYPES", "CancelReply", "CancelRequest", "CurveClientKeys", "EngineInfo", "ErrorCode",
-    "Georeference", "HelloReply", "HelloRequest", "Message", "Progress", "Prompt",
+    "DEFAULT_MAX_MESSAGE_BYTES", "ENGINES", "OPS", "PROTOCOL_VERSION", "REQUEST_TYPES", "TASKS",
+    "TEXT_TASKS", "WIRE_DTYPES", "CancelReply", "CancelRequest", "CurveClientKeys", "EngineInfo",
+    "ErrorCode", "Georeference", "HelloReply", "HelloRequest", "Message", "Progress", "Prompt",
     "ProtocolError", "RasterOptions", "RemoteError", "Reply", "Request", "RequestTimeout",
     "RunningRequest", "SegmentOptions", "SegmentReply", "SegmentRequest", "SetImageReply",
     "SetImageRequest", "ShutdownReply", "ShutdownRequest", "StatusReply", "StatusRequest",

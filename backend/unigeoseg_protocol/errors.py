@@ -11,7 +11,7 @@ class ErrorCode(str, Enum):
 
     BAD_MESSAGE = "bad_message"                #: header is not JSON, or lacks v / id / op
     UNSUPPORTED_VERSION = "unsupported_version"  #: another protocol version
-    UNKNOWN_OP = "unknown_op"                  #: op is not one of OPS
+    UNKNOWN_OP = "unknown_op"                  #: op is not one of OPS (operations.py)
     INVALID_ARGUMENT = "invalid_argument"      #: a parameter has the wrong type or value
     BAD_FRAME = "bad_frame"                    #: array frame missing, or wrong dtype / shape / size
     PAYLOAD_TOO_LARGE = "payload_too_large"    #: message over the backend's byte cap

@@ -32,9 +32,6 @@ Frame = Any
 #: Version of the wire protocol; a peer speaking another major version is refused.
 PROTOCOL_VERSION = 1
 
-#: Operations a backend understands.
-OPS = ("hello", "set_image", "segment", "cancel", "status", "shutdown")
-
 #: dtypes allowed in array frames (always little-endian on the wire).
 WIRE_DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 

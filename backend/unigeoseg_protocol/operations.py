@@ -40,6 +40,9 @@ class Request(Protocol[ReplyT_co]):
 
     def to_wire(self) -> Wire: ...
 
+    @classmethod
+    def from_message(cls, message: Message) -> Request[ReplyT_co]: ...
+
     def parse_reply(self, message: Message) -> ReplyT_co: ...
 
 
@@ -458,13 +461,26 @@ class CancelReply(_ResultReply):
 # ------------------------------------------------------------------- hello, status, shutdown
 
 
+_P = TypeVar("_P", bound="_ParameterlessRequest")
+
+
 class _ParameterlessRequest:
-    """Base of the requests without params."""
+    """Base of the requests without params (any params sent are ignored)."""
 
     OP: ClassVar[str]
 
     def to_wire(self) -> Wire:
         return {}, {}
+
+    @classmethod
+    def from_message(cls: type[_P], message: Message) -> _P:
+        return cls()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
 
 
 @dataclass(frozen=True)
@@ -623,9 +639,12 @@ class ShutdownRequest(_ParameterlessRequest):
         return ShutdownReply.from_message(message)
 
 
-#: The request type of each operation, by op name (the backend's dispatch table).
+#: The request type of each operation, by op name: what a backend parses a request with.
 REQUEST_TYPES: dict[str, type[Request[Any]]] = {
     request.OP: request
     for request in (HelloRequest, SetImageRequest, SegmentRequest, CancelRequest,
                     StatusRequest, ShutdownRequest)
 }
+
+#: Operations a backend understands.
+OPS = tuple(REQUEST_TYPES)

@@ -31,7 +31,6 @@ import zmq
 
 from unigeoseg_protocol.errors import ErrorCode, ProtocolError
 from unigeoseg_protocol.messages import (
-    OPS,
     PROTOCOL_VERSION,
     Message,
     decode_message,
@@ -41,17 +40,22 @@ from unigeoseg_protocol.messages import (
     progress_header,
 )
 from unigeoseg_protocol.operations import (
+    OPS,
+    REQUEST_TYPES,
     CancelReply,
     CancelRequest,
     EngineInfo,
     HelloReply,
+    HelloRequest,
     RunningRequest,
     SegmentReply,
     SegmentRequest,
     SetImageReply,
     SetImageRequest,
     ShutdownReply,
+    ShutdownRequest,
     StatusReply,
+    StatusRequest,
 )
 
 from .. import __version__
@@ -64,9 +68,7 @@ logger = logging.getLogger(__name__)
 _WORKER_ENDPOINT = "inproc://unigeoseg-worker-replies"
 _POLL_MS = 100  # how often the front loop looks at deadlines and the stop flag
 
-#: The operations the worker runs, by op: their request types validate before queueing.
-_WORK_REQUESTS: dict[str, type[SetImageRequest] | type[SegmentRequest]] = {
-    SetImageRequest.OP: SetImageRequest, SegmentRequest.OP: SegmentRequest}
+#: The requests the worker runs (the front thread answers the others itself).
 WorkRequest = SetImageRequest | SegmentRequest
 WorkReply = SetImageReply | SegmentReply
 
@@ -229,25 +231,26 @@ class Service:
         level = logging.DEBUG if op in ("hello", "status") else logging.INFO
         logger.log(level, "request", extra={"request_id": request_id, "op": op})
         try:
-            if op == "hello":
+            request = REQUEST_TYPES[op].from_message(message)
+            if isinstance(request, HelloRequest):
                 self._reply_ok(client, request_id, self._hello())
-            elif op == "status":
+            elif isinstance(request, StatusRequest):
                 self._reply_ok(client, request_id, self._status())
-            elif op == "cancel":
-                self._reply_ok(client, request_id,
-                               self._cancel(client, CancelRequest.from_message(message)))
-            elif op == "shutdown":
+            elif isinstance(request, CancelRequest):
+                self._reply_ok(client, request_id, self._cancel(client, request))
+            elif isinstance(request, ShutdownRequest):
                 self._reply_ok(client, request_id, ShutdownReply())
                 self.stop()
-            else:
-                self._enqueue(client, message)
+            elif isinstance(request, (SetImageRequest, SegmentRequest)):
+                self._enqueue(client, message, request)
+            else:  # an op of the protocol package that this backend does not serve yet
+                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"this backend does not serve {op!r}")
         except ProtocolError as exc:
             self._reply_error(client, request_id, exc.code, exc.message, exc.details)
 
-    def _enqueue(self, client: bytes, message: Message) -> None:
+    def _enqueue(self, client: bytes, message: Message, request: WorkRequest) -> None:
         if (client, message.id) in self._pending:
             raise InvalidInputError(f"request id {message.id} is already in progress")
-        request = _WORK_REQUESTS[message.op].from_message(message)
         timeout_s = self.config.request_timeout_s
         if "timeout_ms" in message.header:
             timeout_ms = message.header["timeout_ms"]
@@ -255,7 +258,7 @@ class Service:
                 raise InvalidInputError("timeout_ms must be a positive integer")
             timeout_s = min(timeout_ms / 1000, self.config.max_request_timeout_s)
         now = time.monotonic()
-        job = Job(client=client, request_id=message.id, op=message.op, message=message,
+        job = Job(client=client, request_id=message.id, op=request.OP, message=message,
                   token=CancelToken(deadline=now + timeout_s), received=now, request=request)
         try:
             self._queue.put_nowait(job)
