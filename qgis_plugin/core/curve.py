@@ -9,7 +9,7 @@ certificate files, as ``zmq.auth.create_certificates`` writes them).
 
 from __future__ import annotations
 
-from ..unigeoseg_protocol.client import CurveClientKeys
+from ..unigeoseg_protocol.curve import CurveClientKeys
 from .settings import PluginSettings
 
 
