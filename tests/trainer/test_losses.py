@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unigeoseg_backend.distributed import World
 from unigeoseg_trainer.losses import (
     IGNORE_INDEX,
     PointSampling,
@@ -152,5 +153,5 @@ def test_text_loss_is_added_with_its_weight():
 
 
 def test_mean_mask_count_without_a_process_group():
-    assert mean_mask_count(6) == 6.0
-    assert mean_mask_count(0) == 1.0
+    assert mean_mask_count(World(), 6) == 6.0
+    assert mean_mask_count(World(), 0) == 1.0

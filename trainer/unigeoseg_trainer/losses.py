@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from unigeoseg_backend.distributed import World, sum_over_ranks
 
 #: Label of a position without a next-token target.
 IGNORE_INDEX = -100
@@ -116,18 +117,13 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor, num_masks: float,
             dice(point_logits, point_labels, num_masks))
 
 
-def mean_mask_count(local_masks: int, device: torch.device | str = "cpu") -> float:
-    """Masks per process, averaged over the process group (if one is initialised), >= 1.
+def mean_mask_count(world: World, local_masks: int) -> float:
+    """Masks per process, averaged over the processes of ``world``, at least 1.
 
     Each process divides its summed losses by this; averaging the gradients over the
     processes then divides the sum over every mask of the global batch by its total count.
     """
-    count = torch.tensor(float(local_masks), device=device)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        world = dist.get_world_size()
-    return max(count.item() / world, 1.0)
+    return max(sum_over_ranks(world, float(local_masks)) / world.size, 1.0)
 
 
 def lm_cross_entropy(lm_logits: torch.Tensor, lm_labels: torch.Tensor) -> torch.Tensor:
