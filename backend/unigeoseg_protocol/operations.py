@@ -409,7 +409,7 @@ class SegmentReply:
         return cls(image_id=_field(result, "image_id", str), features=features,
                    score=_number(result, "score"), engine=_field(result, "engine", str),
                    model=_field(result, "model", str),
-                   timings_ms=_field(result, "timings_ms", dict, {}),
+                   timings_ms=dict(_field(result, "timings_ms", dict, {})),
                    mask=message.arrays.get("mask"), server_ms=_number(result, "server_ms", None))
 
 
