@@ -5,7 +5,7 @@ Measures, for each SAM configuration (random weights, seeded):
   * protocol: ``set_image`` of an already-cached tile through the service (framing,
     validation, content hash, cache lookup);
   * encode: the image encoder on a 1024 x 1024 tile, in process;
-  * bare decoder: prompt encoder + mask decoder + upsampling, in process (``SamEngine.predict``);
+  * bare decoder: prompt encoder + mask decoder + upsampling, in process (``SamEngine.decode``);
   * click through the service with a cached embedding, end to end (request to GeoJSON reply),
     split into decode, polygonize (+ reprojection and GeoJSON) and the rest (transport,
     validation, queueing);
@@ -37,6 +37,7 @@ import torch
 import zmq
 from affine import Affine
 
+from unigeoseg_backend.engines.base import TilePrompt
 from unigeoseg_backend.engines.sam import SAM_CONFIGS, SamEngine, build_sam
 from unigeoseg_backend.geo.crs import parse_crs
 from unigeoseg_backend.geo.vectorize import (
@@ -177,11 +178,10 @@ def bench_model(sam_type: str, device: torch.device, repeats: int, workdir: Path
         sync()
     encode_ms = median_ms(lambda: engine.encode(tile), encode_repeats, sync)
     embedding = engine.encode(tile)
-    point = np.array([[430.5, 310.5]])
-    labels = np.array([1])
-    engine.predict(embedding, point, labels, None, None, True)
-    bare_ms = median_ms(lambda: engine.predict(embedding, point, labels, None, None, True),
-                        repeats, sync)
+    click = TilePrompt(task="interactive", points=np.array([[430.5, 310.5]]),
+                       labels=np.array([1]))
+    engine.decode(embedding, click)
+    bare_ms = median_ms(lambda: engine.decode(embedding, click), repeats, sync)
     engine = embedding = None  # free the in-process model before the service loads its own
 
     process, address = start_service(checkpoint, sam_type, str(device), workdir / "svc.log")

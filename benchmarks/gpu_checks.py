@@ -113,24 +113,24 @@ def check_full_size(tokenizer) -> None:
 
 
 def check_engine(tokenizer) -> None:
+    from unigeoseg_backend.engines.base import TilePrompt
+    from unigeoseg_backend.engines.unigeoseg_engine import UniGeoSegEngine
     from unigeoseg_backend.model.checkpoint import clear_cache, save_released
-    from unigeoseg_backend.runtime import load_text_engine
-    from unigeoseg_protocol.params import Prompt
 
     torch.manual_seed(0)
     model = UniGeoSeg(get_config("unigeoseg-tiny-sparseconv")).eval()
     rng = np.random.default_rng(1)
     rgbs = [(rng.random((300 + 20 * i, 256, 3)) * 255).astype(np.uint8) for i in range(4)]
-    prompt = Prompt(text="the red roofs", task="referring")
+    prompt = TilePrompt(text="the red roofs", task="referring")
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_released(model, tokenizer, Path(tmp) / "tiny")
-        cpu = load_text_engine(folder, torch.device("cpu"))
-        expected = [cpu.predict_prompt(cpu.encode(rgb), prompt).mask for rgb in rgbs]
+        cpu = UniGeoSegEngine.from_model_dir(folder, torch.device("cpu"))
+        expected = [cpu.decode(cpu.encode(rgb), prompt).mask for rgb in rgbs]
         clear_cache()
-        gpu = load_text_engine(folder, torch.device("cuda"))
+        gpu = UniGeoSegEngine.from_model_dir(folder, torch.device("cuda"))
         start = time.perf_counter()
         batched = [p.mask for p in gpu.segment_tiles(rgbs, prompt)]
-        single = [gpu.predict_prompt(gpu.encode(rgb), prompt).mask for rgb in rgbs]
+        single = [gpu.decode(gpu.encode(rgb), prompt).mask for rgb in rgbs]
         seconds = time.perf_counter() - start
     agreement = [float((a == b).mean()) for a, b in zip(expected, batched, strict=True)]
     same = all(np.array_equal(a, b) for a, b in zip(batched, single, strict=True))

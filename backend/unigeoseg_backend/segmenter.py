@@ -2,11 +2,15 @@
 
 The :class:`Segmenter` is what the service's worker and ``unigeoseg predict`` both call. It keeps
 uploaded tiles and image embeddings in byte-bounded LRU caches keyed by image id, so that every
-prompt after the first on a tile runs only the engine's prompt decoder.
+prompt after the first on a tile runs only the engine's prompt decoder. Engines are reached
+through one interface (``engines/base.py``) and an :class:`EngineRegistry` of what this process
+offers; the segmenter converts a prompt to the tile's pixel frame once, and keeps, per object,
+the previous logits of engines that take mask feedback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,12 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
+from unigeoseg_protocol.vocabulary import default_engine
 
+from .engines.base import Capabilities, Engine, TilePrompt, nbytes_of
 from .engines.cache import ByteLRUCache
 from .errors import (
     CancelledError,
@@ -61,26 +67,6 @@ class CancelToken:
             raise DeadlineExceededError("the request ran past its timeout")
 
 
-class Engine(Protocol):
-    """What the segmenter needs from an engine (see engines/sam.py, engines/unigeoseg_engine.py).
-
-    Every engine has ``name``, ``tasks`` (the prompt tasks it answers), ``model_id`` and
-    ``encode`` (the image side, cached per tile). A point/box engine (SAM) decodes with
-    ``predict(embedding, points_px, labels, box_px, mask_input, multimask)``; an engine that
-    reads the whole prompt (UniGeoSeg: text, task) has
-    ``predict_prompt(embedding, prompt, points_px, labels, box_px)`` instead. Either returns an
-    object with ``mask`` (H x W bool), ``score`` (float) and ``low_res_logits`` (a tensor).
-    """
-
-    name: str
-    tasks: tuple[str, ...]
-
-    @property
-    def model_id(self) -> str: ...
-
-    def encode(self, rgb: np.ndarray) -> Any: ...
-
-
 @dataclass
 class ImageRecord:
     """An uploaded tile: the model-ready RGB, which pixels hold data, and where it is."""
@@ -117,42 +103,71 @@ def image_id_for(pixels: np.ndarray, georeference: Georeference, raster: RasterO
     return digest.hexdigest()
 
 
-class EngineRegistry:
-    """Engines by name, created on first use (weights load once per process)."""
+@dataclass(frozen=True)
+class EngineOffer:
+    """One engine a process offers: its class (name, title, capabilities) and how to build
+    it, or why it cannot be offered.
 
-    def __init__(self, factories: dict[str, Callable[[], Engine]],
-                 unavailable: dict[str, str] | None = None,
-                 tasks: dict[str, tuple[str, ...]] | None = None):
-        self._factories = dict(factories)
-        self._unavailable = dict(unavailable or {})
-        self._tasks = dict(tasks or {})  # what engines not created yet will answer
+    Attributes:
+        kind: the engine's class; what it answers is known before its weights load.
+        load: builds the engine (loads weights); None when the engine is unavailable.
+        unavailable: why not, when ``load`` is None (a sentence saying how to fix it).
+    """
+
+    kind: type[Engine]
+    load: Callable[[], Engine] | None = None
+    unavailable: str = ""
+
+
+class EngineRegistry:
+    """The engines of this process by name, each created on first use (weights load once)."""
+
+    def __init__(self, offers: list[EngineOffer]):
+        self._offers = {offer.kind.name: offer for offer in offers}
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
     def available(self) -> list[str]:
-        return sorted(self._factories)
+        return sorted(name for name, offer in self._offers.items() if offer.load is not None)
 
     def reasons_unavailable(self) -> dict[str, str]:
-        return dict(self._unavailable)
+        return {name: offer.unavailable for name, offer in self._offers.items()
+                if offer.load is None}
 
     def loaded(self) -> dict[str, str]:
         return {name: engine.model_id for name, engine in self._engines.items()}
 
+    def capabilities(self, name: str) -> Capabilities | None:
+        """What engine ``name`` answers (known before it loads); None for an unknown name."""
+        offer = self._offers.get(name)
+        return None if offer is None else offer.kind.capabilities
+
     def tasks(self, name: str) -> list[str]:
-        """The prompt tasks engine ``name`` answers (asked of the engine once it exists)."""
-        engine = self._engines.get(name)
-        if engine is not None:
-            return list(getattr(engine, "tasks", ()))
-        return list(self._tasks.get(name, ()))
+        """The prompt tasks engine ``name`` answers."""
+        capabilities = self.capabilities(name)
+        return [] if capabilities is None else list(capabilities.tasks)
+
+    def check_task(self, name: str, task: str) -> None:
+        """Refuse, before anything loads, a task engine ``name`` does not answer; the message
+        names the engines that do."""
+        offer = self._offers.get(name)
+        if offer is None or task in offer.kind.capabilities.tasks:
+            return  # an unknown name is refused by get()
+        others = tuple(other for other, o in self._offers.items()
+                       if task in o.kind.capabilities.tasks)
+        error = offer.kind.capabilities.refuse_task(task, offer.kind.title, others)
+        error.details["engine"] = name
+        raise error
 
     def get(self, name: str) -> Engine:
         with self._lock:
             if name in self._engines:
                 return self._engines[name]
-            if name not in self._factories:
-                reason = self._unavailable.get(name, f"engine {name!r} is not configured")
+            offer = self._offers.get(name)
+            if offer is None or offer.load is None:
+                reason = offer.unavailable if offer else f"engine {name!r} is not configured"
                 raise EngineUnavailableError(reason, {"engine": name})
-            engine = self._factories[name]()
+            engine = offer.load()
             self._engines[name] = engine
             return engine
 
@@ -210,7 +225,7 @@ class Segmenter:
             cancel.check()
         embedding = engine.encode(record.rgb)
         self.encode_count += 1
-        self.embeddings.put(key, embedding, getattr(embedding, "nbytes", 0))
+        self.embeddings.put(key, embedding, nbytes_of(embedding))
         return embedding, False
 
     def set_image(self, pixels: np.ndarray, georeference: Georeference, raster: RasterOptions,
@@ -237,19 +252,16 @@ class Segmenter:
                 cancel: CancelToken | None = None) -> SegmentResult:
         """Segment ``prompt`` on a registered tile and vectorise the mask."""
         timings: dict[str, float] = {}
-        engine_name = options.engine or ("sam" if prompt.task == "interactive" else "unigeoseg")
-        if engine_name == "sam" and prompt.task != "interactive":
-            raise EngineUnavailableError(
-                f"SAM answers point and box prompts only; a {prompt.task} prompt needs the "
-                f"unigeoseg engine", {"engine": engine_name, "task": prompt.task})
+        engine_name = options.engine or default_engine(prompt.task)
+        self.engines.check_task(engine_name, prompt.task)
         engine = self.engines.get(engine_name)
-        tasks = getattr(engine, "tasks", ("interactive",))
-        if prompt.task not in tasks:
-            raise EngineUnavailableError(
-                f"the {engine.name} engine answers {', '.join(tasks)} prompts, not {prompt.task}",
-                {"engine": engine.name, "task": prompt.task})
         output_crs = parse_crs(options.output_crs) if options.output_crs else record.grid.crs
-        points_px, labels, box_px = self._prompt_to_pixels(record.grid, prompt)
+        tile_prompt = self._tile_prompt(record.grid, prompt, options)
+        object_key = (record.image_id, engine.model_id, prompt.object_key)
+        feedback = engine.capabilities.mask_feedback and bool(prompt.object_key)
+        if feedback:
+            tile_prompt = dataclasses.replace(tile_prompt,
+                                              mask_input=self._object_masks.get(object_key))
 
         tick = time.perf_counter()
         embedding, cached = self.embedding(record, engine, cancel)
@@ -258,18 +270,10 @@ class Segmenter:
             cancel.check()
 
         tick = time.perf_counter()
-        if hasattr(engine, "predict_prompt"):
-            # The engine reads the prompt itself (text, task); it takes no mask feedback.
-            prediction = engine.predict_prompt(embedding, prompt, points_px, labels, box_px)
-        else:
-            object_key = (record.image_id, engine.model_id, prompt.object_key)
-            mask_input = self._object_masks.get(object_key) if prompt.object_key else None
-            prediction = engine.predict(embedding, points_px, labels, box_px, mask_input,
-                                        options.multimask)
-            if prompt.object_key:
-                logits = prediction.low_res_logits
-                self._object_masks.put(object_key, logits,
-                                        logits.numel() * logits.element_size())
+        prediction = engine.decode(embedding, tile_prompt)
+        if feedback:
+            logits = prediction.low_res_logits
+            self._object_masks.put(object_key, logits, nbytes_of(logits))
         mask = prediction.mask & record.valid
         timings["decode_ms"] = (time.perf_counter() - tick) * 1000
         if cancel is not None:
@@ -279,9 +283,7 @@ class Segmenter:
         polygons = mask_to_polygons(mask, record.grid.transform, simplify=options.simplify,
                                     min_area=options.min_area)
         polygons = reproject_geometries(polygons, record.grid.crs, output_crs)
-        properties = {"score": prediction.score, "engine": engine.name, "model": engine.model_id,
-                      "task": prompt.task, "prompt": describe_prompt(prompt),
-                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        properties = {"score": prediction.score, **provenance(engine, prompt)}
         features = feature_collection(polygons, properties, output_crs)
         timings["polygonize_ms"] = (time.perf_counter() - tick) * 1000
         return SegmentResult(image_id=record.image_id, features=features, score=prediction.score,
@@ -290,8 +292,8 @@ class Segmenter:
                              timings_ms={k: round(v, 3) for k, v in timings.items()})
 
     @staticmethod
-    def _prompt_to_pixels(grid: TileGrid, prompt: Prompt):
-        """Prompt map coordinates to continuous tile pixel coordinates, checked against the tile."""
+    def _tile_prompt(grid: TileGrid, prompt: Prompt, options: SegmentOptions) -> TilePrompt:
+        """The prompt in continuous tile pixel coordinates, checked against the tile."""
         src_crs = parse_crs(prompt.crs) if prompt.crs else None
         points_px = labels = box_px = None
         if prompt.points:
@@ -305,7 +307,16 @@ class Segmenter:
                 raise OutOfBoundsError(f"the box {list(prompt.box)} does not overlap the tile",
                                        {"box": list(prompt.box)})
             box_px = np.asarray(clipped, dtype=np.float64)
-        return points_px, labels, box_px
+        return TilePrompt(task=str(prompt.task), text=prompt.text, points=points_px,
+                          labels=labels, box=box_px, multimask=options.multimask)
+
+
+def provenance(engine: Engine, prompt: Prompt) -> dict[str, Any]:
+    """The attributes every output polygon carries besides its score: which engine and model
+    answered which prompt, and when."""
+    return {"engine": engine.name, "model": engine.model_id, "task": prompt.task,
+            "prompt": describe_prompt(prompt),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def describe_prompt(prompt: Prompt) -> str:

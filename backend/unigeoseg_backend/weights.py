@@ -1,4 +1,8 @@
-"""Official SAM checkpoints: a registry, a resumable downloader and a verifier.
+"""Where the weights are: the weights cache, official SAM checkpoints, UniGeoSeg model names.
+
+Everything a process loads is found here: a SAM checkpoint by file or registry name
+(:func:`resolve_checkpoint`), a UniGeoSeg model by directory or by name in the cache's
+``models/`` folder (:func:`resolve_model`, default ``$UNIGEOSEG_MODEL``).
 
 Checkpoints live in a per-user cache folder (see :func:`cache_dir`). A download is written to
 ``<file>.part`` first and renamed to its final name only after its size (and SHA-256, where
@@ -9,21 +13,18 @@ interrupted download keeps its ``.part`` file; the next call resumes it with an 
 Only the standard library talks to the network (``urllib``), so the backend needs no HTTP
 client package; ``urllib`` also honours the usual ``https_proxy`` / ``no_proxy`` variables.
 
-The CLI ``unigeoseg weights list|download|verify`` is wired by :func:`add_weights_parser`.
+The CLI ``unigeoseg weights list|download|verify`` is in ``cli/weights.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import logging
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "UNIGEOSEG_CACHE_DIR"
 BASE_URL_ENV = "UNIGEOSEG_WEIGHTS_BASE_URL"
+#: Environment variable naming the default UniGeoSeg model (a directory or a cached name).
+MODEL_ENV = "UNIGEOSEG_MODEL"
 PART_SUFFIX = ".part"
 _HASH_CHUNK = 1 << 20
 
@@ -247,6 +250,37 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     return cached
 
 
+# --------------------------------------------------------------------------- UniGeoSeg models
+
+
+def configured_model(explicit: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+    """The model to use: the one given, else ``$UNIGEOSEG_MODEL``, else None (no text engine)."""
+    return explicit or os.environ.get(MODEL_ENV) or None
+
+
+def resolve_model(model: str | os.PathLike[str]) -> Path:
+    """The directory of a UniGeoSeg model: ``model`` itself when it is a path that exists, else
+    a model name looked up as ``<weights cache>/models/<name>``.
+
+    Raises:
+        WeightsError: neither exists (the message names where it looked).
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise WeightsError(f"UniGeoSeg model {path} is not a directory (the released "
+                               f"layout is a folder with config.json, weights and tokenizer)")
+        return path
+    text = os.fspath(model)
+    if "/" in text or "\\" in text or path.is_absolute() or text.startswith("."):
+        raise WeightsError(f"UniGeoSeg model directory {path} does not exist")
+    cached = cache_dir() / "models" / text
+    if not cached.is_dir():
+        raise WeightsError(f"no UniGeoSeg model {text!r}: {path} is not a directory here and "
+                           f"{cached} does not exist; pass --model with a model directory")
+    return cached
+
+
 # --------------------------------------------------------------------------- download
 
 
@@ -435,116 +469,3 @@ def _network_error(url: str, what: str, part: Path) -> WeightsError:
         message += (f" The partial file {part} ({kept} bytes) is kept; run the download "
                     "again to resume it.")
     return WeightsError(message, {"url": url, "partial_path": str(part), "partial_bytes": kept})
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``weights list|download|verify`` to a CLI; each sets ``func`` to a handler that
-    takes the parsed args and returns an exit code (0 ok, 1 failure)."""
-    parser = subparsers.add_parser(
-        "weights", help="list, download and verify SAM checkpoints",
-        description=f"Manage SAM checkpoints in the cache folder ({cache_dir()}; "
-                    f"set {CACHE_DIR_ENV} to move it).")
-    parser.set_defaults(func=_help_handler(parser))
-    commands = parser.add_subparsers(dest="weights_command", metavar="COMMAND")
-
-    listing = commands.add_parser("list", help="show known checkpoints and which are cached")
-    listing.set_defaults(func=cmd_list)
-
-    fetch = commands.add_parser(
-        "download", help="download (or resume) a checkpoint",
-        description="Download a checkpoint into the cache folder, resuming an interrupted "
-                    "download, and verify it.")
-    fetch.add_argument("name", help="weights name, e.g. sam_vit_b (see `weights list`)")
-    fetch.add_argument("--dest", metavar="DIR", help="folder to download into "
-                       "(default: the cache folder)")
-    fetch.add_argument("--base-url", metavar="URL",
-                       help=f"mirror folder holding the same filenames (or set {BASE_URL_ENV})")
-    fetch.add_argument("--no-progress", dest="progress", action="store_false",
-                       help="do not show a progress bar")
-    fetch.set_defaults(func=cmd_download)
-
-    check = commands.add_parser("verify", help="check size and checksum of cached checkpoints")
-    check.add_argument("name", nargs="?", help="weights name (default: every cached one)")
-    check.set_defaults(func=cmd_verify)
-    return parser
-
-
-def _help_handler(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        parser.print_help(sys.stderr)
-        return 1
-    return handler
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
-def _human(size: int) -> str:
-    """Byte count for people: 375042383 -> '357.7 MiB'."""
-    if size < 1024:
-        return f"{size} B"
-    value = size / 1024
-    for unit in ("KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    """``weights list``: one line per known checkpoint."""
-    rows = status()
-    print(f"Cache folder: {cache_dir()}")
-    width = max((len(r.name) for r in rows), default=4)
-    for row in rows:
-        if row.downloaded:
-            state = "downloaded"
-        elif row.partial_bytes:
-            state = f"partial ({_human(row.partial_bytes)})"
-        else:
-            state = "not downloaded"
-        print(f"{row.name:<{width}}  {_human(row.size_bytes):>10}  {state:<16}  {row.path}")
-    return 0
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    """``weights download NAME``: prints the checkpoint path on success."""
-    try:
-        path = download(args.name, dest_dir=args.dest, base_url=args.base_url,
-                        progress=args.progress)
-    except WeightsError as exc:
-        return _fail(exc.message)
-    except KeyboardInterrupt:
-        # The .part file stays on disk; say so instead of showing a traceback.
-        return _fail("Download interrupted; run the same command again to resume it.")
-    print(path)
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    """``weights verify [NAME]``: 0 when every checked file is good."""
-    if args.name is not None:
-        try:
-            names = [get_spec(args.name).name]
-        except WeightsError as exc:
-            return _fail(exc.message)
-    else:
-        names = [row.name for row in status() if row.path.exists()]
-        if not names:
-            print(f"No checkpoints in {cache_dir()}; nothing to verify.")
-            return 0
-    failed = 0
-    for name in names:
-        result = verify(name)
-        if result.ok:
-            print(f"{name}: OK ({result.reason}) {result.path}")
-        else:
-            failed += 1
-            _fail(f"{name}: {result.reason}. Run `unigeoseg weights download {name}` "
-                  "to fetch it again.")
-    return 1 if failed else 0

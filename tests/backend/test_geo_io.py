@@ -20,7 +20,7 @@ from unigeoseg_backend.errors import CRSError, InvalidInputError
 from unigeoseg_backend.geo import vector_io
 from unigeoseg_backend.geo.crs import same_crs
 from unigeoseg_backend.geo.grid import TileGrid
-from unigeoseg_backend.geo.vector_io import VectorFileExistsError, append_vector, write_vector
+from unigeoseg_backend.geo.vector_io import StagedLayer, VectorFileExistsError, write_vector
 from unigeoseg_backend.geo.vectorize import mask_to_polygons, reproject_geometries
 
 UTM = CRS.from_epsg(32633)
@@ -113,8 +113,10 @@ def test_failed_write_leaves_existing_file_untouched(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(vector_io.pyogrio.raw, "write", write_then_fail)
     with pytest.raises(OSError, match="No space"):
         write_vector(path, polys[:1], props[:1], UTM, overwrite=True)
-    with pytest.raises(OSError, match="No space"):
-        append_vector(path, polys[:1], props[:1], UTM)
+    with pytest.raises(OSError, match="No space"), \
+            StagedLayer(path, UTM, overwrite=True) as staged:
+        staged.append(polys[:1], props[:1])
+        staged.commit()
     assert path.read_bytes() == before
     assert listing(tmp_path) == ["out.gpkg"]  # no temp files left behind
     monkeypatch.undo()
@@ -136,31 +138,28 @@ def test_bad_suffix_and_mismatched_properties(tmp_path) -> None:
             write_vector(tmp_path / name, polys, props, UTM)
     with pytest.raises(InvalidInputError):
         write_vector(tmp_path / "out.gpkg", polys, props[:1], UTM)
-    with pytest.raises(InvalidInputError):
-        append_vector(tmp_path / "out.geojson", polys, props, UTM)
+    with pytest.raises(InvalidInputError), StagedLayer(tmp_path / "out.geojson", UTM) as staged:
+        staged.append(polys[:1], props[:1])
+        staged.append(polys[1:], props[1:])  # GeoJSON is written at once
     assert listing(tmp_path) == []
 
 
-def test_append(tmp_path) -> None:
+def test_staged_layer_streams_parts_into_one_layer_moved_in_place_at_commit(tmp_path) -> None:
     polys, props = sample()
     path = tmp_path / "segments.gpkg"
-    append_vector(path, polys, props, UTM)  # creates the file
-    assert pyogrio.read_info(path)["features"] == 2
-    # Another CRS is reprojected into the layer's; a new attribute becomes a new column.
-    wgs = reproject_geometries(polys[:1], UTM, CRS.from_epsg(4326))
-    append_vector(path, wgs, [{"score": 0.5, "engine": "unigeoseg", "note": "x"}],
-                  CRS.from_epsg(4326))
-    df = pyogrio.read_dataframe(path)
-    assert len(df) == 3 and df.crs.to_epsg() == 32633
-    assert df["engine"].tolist() == ["sam", "sam", "unigeoseg"]
-    assert df["note"].tolist()[2] == "x" and df["note"].isna().tolist()[:2] == [True, True]
-    assert df["score"].tolist()[2] == 0.5
-    np.testing.assert_allclose(shapely.get_coordinates(df.geometry[2]),
-                               shapely.get_coordinates(polys[0]), rtol=0, atol=1e-6)
-    # A second layer leaves the first alone.
-    append_vector(path, polys[1:], props[1:], UTM, layer="other")
-    assert sorted(name for name, _ in pyogrio.list_layers(path)) == ["other", "segments"]
-    assert pyogrio.read_info(path, layer="segments")["features"] == 3
+    with StagedLayer(path, UTM) as staged:
+        staged.append(polys[:1], props[:1])
+        staged.append([], [])
+        staged.append(polys[1:], props[1:])
+        assert staged.count == 2 and not path.exists()  # nothing at the target before commit
+        assert staged.commit() == path
+    assert listing(tmp_path) == ["segments.gpkg"]
+    df = pyogrio.read_dataframe(path, layer="segments")
+    assert df.crs.to_epsg() == 32633 and df["engine"].tolist() == ["sam", "sam"]
+    for got, want in zip(df.geometry, polys, strict=True):
+        assert shapely.equals_exact(got, want, tolerance=0.0)
+    with pytest.raises(VectorFileExistsError), StagedLayer(path, UTM):
+        pass
     assert listing(tmp_path) == ["segments.gpkg"]
 
 

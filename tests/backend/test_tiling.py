@@ -173,9 +173,9 @@ def test_strip_shapes_are_checked():
 
 @pytest.mark.parametrize("threaded", [False, True])
 def test_strip_vectorizer_writes_in_order_and_reraises_the_threads_errors(threaded):
-    # On a GPU the whole-raster CLI vectorizes on a thread of its own: same polygons, same
+    # On a GPU the whole-raster run vectorizes on a thread of its own: same polygons, same
     # order, and an error there stops the run instead of being lost.
-    from unigeoseg_backend.cli.predict_raster import _Lane, _StripVectorizer
+    from unigeoseg_backend.pipelines.whole_raster import _Lane, _StripVectorizer
 
     rng = np.random.default_rng(4)
     mask = rng.random((60, 50)) < 0.45
@@ -187,19 +187,17 @@ def test_strip_vectorizer_writes_in_order_and_reraises_the_threads_errors(thread
     with _Lane("vectorize", threaded) as lane:
         vectorizer = _StripVectorizer(
             StripPolygonizer(UTM, 50, heights),
-            lambda regions, tag: written.extend((r.polygon, tag) for r in regions), ("same",),
-            lane)
+            lambda regions: written.extend(r.polygon for r in regions), lane)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             vectorizer.feed(mask[a:b])
         vectorizer.finish()
-    assert [tag for _, tag in written] == ["same"] * len(written)
-    assert [p.wkt for p, _ in written] == [p.wkt for p in reference]
+    assert [p.wkt for p in written] == [p.wkt for p in reference]
 
-    def failing(regions, tag):
+    def failing(regions):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"), _Lane("vectorize", threaded) as lane:
-        vectorizer = _StripVectorizer(StripPolygonizer(UTM, 50, heights), failing, ("x",), lane)
+        vectorizer = _StripVectorizer(StripPolygonizer(UTM, 50, heights), failing, lane)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             vectorizer.feed(mask[a:b])
         vectorizer.finish()
@@ -228,18 +226,19 @@ def utm_raster(tmp_path_factory):
 
 def _reference_mask(raster, model_dir):
     """Stitch the per-tile masks independently: the engine on each tile, cores pasted."""
+    from unigeoseg_backend.engines.base import TilePrompt
+    from unigeoseg_backend.engines.unigeoseg_engine import UniGeoSegEngine
     from unigeoseg_backend.geo.pixels import to_rgb8
-    from unigeoseg_backend.runtime import load_text_engine
-    from unigeoseg_protocol.params import Prompt, RasterOptions
+    from unigeoseg_protocol.params import RasterOptions
 
-    engine = load_text_engine(model_dir, torch.device("cpu"))
-    prompt = Prompt(text=TEXT, task="referring")
+    engine = UniGeoSegEngine.from_model_dir(model_dir, torch.device("cpu"))
+    prompt = TilePrompt(text=TEXT, task="referring")
     with rasterio.open(raster) as ds:
         full = np.zeros((ds.height, ds.width), bool)
         for t in tile_grid(ds.width, ds.height, 512, 64):
             pixels = np.moveaxis(ds.read([1, 2, 3], window=t.window), 0, -1)
             rgb, valid = to_rgb8(pixels, RasterOptions())
-            mask = engine.predict_prompt(engine.encode(rgb), prompt).mask & valid
+            mask = engine.decode(engine.encode(rgb), prompt).mask & valid
             c = t.core
             r0, c0 = c.row_off - t.window.row_off, c.col_off - t.window.col_off
             full[c.row_off:c.row_off + c.height, c.col_off:c.col_off + c.width] = \

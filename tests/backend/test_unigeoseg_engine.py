@@ -21,15 +21,11 @@ from affine import Affine
 from shapely.geometry import shape
 from tests.conftest import start_backend
 
-from unigeoseg_backend.engines.unigeoseg_engine import (
-    TASKS,
-    UniGeoSegEngine,
-    UniGeoSegPrediction,
-    model_dtype,
-)
+from unigeoseg_backend.engines.base import EngineSettings, Prediction, TilePrompt
+from unigeoseg_backend.engines.unigeoseg_engine import TASKS, UniGeoSegEngine, model_dtype
 from unigeoseg_backend.errors import EngineUnavailableError, InvalidInputError, WeightsError
 from unigeoseg_backend.model.preprocess import logits_to_tile
-from unigeoseg_backend.segmenter import EngineRegistry, Segmenter
+from unigeoseg_backend.segmenter import EngineOffer, EngineRegistry, Segmenter
 from unigeoseg_protocol import Georeference, Prompt, RemoteError, SegmentOptions
 from unigeoseg_protocol.client import Client
 
@@ -65,7 +61,7 @@ class CountingEngine:
 
     def __init__(self, engine: UniGeoSegEngine):
         self._engine = engine
-        self.name, self.tasks, self.encodes = engine.name, engine.tasks, 0
+        self.name, self.capabilities, self.encodes = engine.name, engine.capabilities, 0
 
     @property
     def model_id(self) -> str:
@@ -75,8 +71,12 @@ class CountingEngine:
         self.encodes += 1
         return self._engine.encode(rgb)
 
-    def predict_prompt(self, *args, **kwargs):
-        return self._engine.predict_prompt(*args, **kwargs)
+    def decode(self, *args, **kwargs):
+        return self._engine.decode(*args, **kwargs)
+
+
+def _registry(engine) -> EngineRegistry:
+    return EngineRegistry([EngineOffer(UniGeoSegEngine, load=lambda: engine)])
 
 
 # ---------------------------------------------------------------------- (a) in process
@@ -84,7 +84,7 @@ class CountingEngine:
 
 def test_engine_reports_its_name_model_tasks_and_dtype(engine, loaded):
     assert engine.name == "unigeoseg" and engine.model_id == loaded.name
-    assert tuple(engine.tasks) == TASKS == ("referring", "reasoning", "interactive")
+    assert tuple(engine.capabilities.tasks) == TASKS == ("referring", "reasoning", "interactive")
     assert model_dtype(torch.device("cpu")) == torch.float32
     assert model_dtype(torch.device("cuda")) == torch.bfloat16
     assert engine.model.dtype == torch.float32
@@ -98,9 +98,9 @@ def test_bfloat16_weights_run_and_agree_with_float32(engine, tiny_model_dir):
                            torch.device("cpu"))
     assert half.model.dtype == torch.bfloat16
     rgb = _tile(seed=4)
-    prompt = Prompt(text=TEXT, task="referring")
-    full = engine.predict_prompt(engine.encode(rgb), prompt)
-    low = half.predict_prompt(half.encode(rgb), prompt)
+    prompt = TilePrompt(text=TEXT, task="referring")
+    full = engine.decode(engine.encode(rgb), prompt)
+    low = half.decode(half.encode(rgb), prompt)
     assert low.mask.shape == full.mask.shape and low.mask.dtype == bool
     assert (low.mask == full.mask).mean() > 0.98
     assert low.score == pytest.approx(full.score, abs=0.02)
@@ -111,15 +111,15 @@ def test_masks_are_on_the_tile_grid_whatever_its_shape(engine, height, width):
     embedding = engine.encode(_tile(height, width))
     assert (embedding.letterbox.height, embedding.letterbox.width) == (height, width)
     assert embedding.nbytes == embedding.vision.nbytes > 0
-    prediction = engine.predict_prompt(embedding, Prompt(text=TEXT, task="referring"))
-    assert isinstance(prediction, UniGeoSegPrediction)
+    prediction = engine.decode(embedding, TilePrompt(text=TEXT, task="referring"))
+    assert isinstance(prediction, Prediction)
     assert prediction.mask.shape == (height, width) and prediction.mask.dtype == bool
     assert isinstance(prediction.low_res_logits, torch.Tensor)
 
 
 def test_score_is_the_mean_sigmoid_inside_the_mask(engine):
     embedding = engine.encode(_tile())
-    prediction = engine.predict_prompt(embedding, Prompt(text=TEXT, task="reasoning"))
+    prediction = engine.decode(embedding, TilePrompt(text=TEXT, task="reasoning"))
     logits = logits_to_tile(prediction.low_res_logits[0, 0], embedding.letterbox)
     np.testing.assert_array_equal(prediction.mask, (logits > 0).numpy())
     inside = torch.sigmoid(logits[logits > 0])
@@ -130,7 +130,7 @@ def test_score_is_the_mean_sigmoid_inside_the_mask(engine):
 
 def test_three_tasks_on_one_tile_encode_it_once(engine):
     counting = CountingEngine(engine)
-    segmenter = Segmenter(EngineRegistry({"unigeoseg": lambda: counting}))
+    segmenter = Segmenter(_registry(counting))
     pixels = _tile(seed=1)
     record = segmenter.add_image(pixels, UTM_TILE, _raster())
     prompts = [Prompt(text=TEXT, task="referring"),
@@ -151,7 +151,7 @@ def test_three_tasks_on_one_tile_encode_it_once(engine):
 
 def test_set_image_with_engine_unigeoseg_encodes_with_it(engine):
     counting = CountingEngine(engine)
-    segmenter = Segmenter(EngineRegistry({"unigeoseg": lambda: counting}))
+    segmenter = Segmenter(_registry(counting))
     first = segmenter.set_image(_tile(seed=2), UTM_TILE, _raster(), engine_name="unigeoseg")
     assert first["engine"] == "unigeoseg" and first["embedding"] == "computed"
     assert first["model"] == engine.model_id
@@ -164,15 +164,13 @@ def test_set_image_with_engine_unigeoseg_encodes_with_it(engine):
 
 def test_interactive_instruction_uses_normalised_foreground_points_and_box(engine):
     embedding = engine.encode(_tile(200, 300))
-    task, text = engine.instruction(embedding, Prompt(points=((0, 0), (0, 0)), labels=(1, 0)),
-                                    np.array([[150.0, 50.0], [10.0, 10.0]]), np.array([1, 0]),
-                                    None)
-    assert task == "interactive"
+    text = engine.instruction(embedding, TilePrompt(
+        task="interactive", points=np.array([[150.0, 50.0], [10.0, 10.0]]),
+        labels=np.array([1, 0])))
     assert text.endswith("point [0.500,0.250].")
-    _, text = engine.instruction(embedding, Prompt(box=(0, 0, 1, 1), text="with [x] roof",
-                                                   task="interactive"),
-                                 np.array([[150.0, 50.0]]), np.array([1]),
-                                 np.array([30.0, 20.0, 120.0, 150.0]))
+    text = engine.instruction(embedding, TilePrompt(
+        task="interactive", text="with [x] roof", points=np.array([[150.0, 50.0]]),
+        labels=np.array([1]), box=np.array([30.0, 20.0, 120.0, 150.0])))
     assert "box x0,y0=[0.100,0.100], x1,y1=[0.400,0.750]." in text  # the box wins
     assert text.endswith("with (x) roof")
 
@@ -185,16 +183,16 @@ def test_interactive_prompts_unigeoseg_cannot_express_are_refused(engine, points
                                                                    message):
     embedding = engine.encode(_tile())
     with pytest.raises(InvalidInputError, match=message) as info:
-        engine.predict_prompt(embedding, Prompt(points=((0, 0),) * len(points),
-                                                labels=tuple(labels)),
-                              np.array(points), np.array(labels), None)
+        engine.decode(embedding, TilePrompt(task="interactive", points=np.array(points),
+                                            labels=np.array(labels)))
     assert info.value.code == "invalid_argument"
 
 
 def test_sam_is_not_asked_text_and_the_text_engine_needs_a_model(tiny_sam_checkpoint):
     from unigeoseg_backend.runtime import build_engines
 
-    segmenter = Segmenter(build_engines(tiny_sam_checkpoint, "tiny", torch.device("cpu")))
+    segmenter = Segmenter(build_engines(EngineSettings(torch.device("cpu"), tiny_sam_checkpoint,
+                                                       "tiny")))
     record = segmenter.add_image(_tile(), UTM_TILE, _raster())
     with pytest.raises(EngineUnavailableError, match="SAM answers point and box"):
         segmenter.segment(record, Prompt(text=TEXT, task="referring"),
@@ -204,7 +202,7 @@ def test_sam_is_not_asked_text_and_the_text_engine_needs_a_model(tiny_sam_checkp
 
 
 def test_a_model_name_resolves_in_the_weights_cache(tmp_path, monkeypatch):
-    from unigeoseg_backend.runtime import resolve_model
+    from unigeoseg_backend.weights import resolve_model
 
     monkeypatch.setenv("UNIGEOSEG_CACHE_DIR", str(tmp_path))
     with pytest.raises(WeightsError, match="no UniGeoSeg model 'unigeoseg-x'"):
@@ -237,7 +235,7 @@ def text_backend(tmp_path_factory, tiny_model_dir, tiny_sam_checkpoint):
 
 def test_hello_lists_the_text_engine_with_its_tasks(text_backend, loaded):
     with Client(text_backend.address, timeout_s=30) as client:
-        hello = client.hello()
+        hello = client.hello().to_result()
     assert hello["engines"]["unigeoseg"] == {
         "available": True, "loaded": True, "model": loaded.name,
         "tasks": ["referring", "reasoning", "interactive"]}
@@ -247,17 +245,17 @@ def test_hello_lists_the_text_engine_with_its_tasks(text_backend, loaded):
 def test_text_segment_returns_polygons_that_rasterise_to_the_mask(text_backend, loaded):
     pixels = _tile(256, 320, seed=3)
     with Client(text_backend.address, timeout_s=60) as client:
-        image_id = client.set_image(pixels, UTM_TILE, engine="unigeoseg")["image_id"]
-        encodes = client.status()["encodes"]
+        image_id = client.set_image(pixels, UTM_TILE, engine="unigeoseg").image_id
+        encodes = client.status().encodes
         reply = client.segment(Prompt(text=TEXT, task="referring"),
                                SegmentOptions(return_mask=True), image_id=image_id)
         again = client.segment(Prompt(text="areas where people could swim", task="reasoning"),
                                image_id=image_id)
-        assert client.status()["encodes"] == encodes  # both prompts reuse the tile's features
-    result = reply.header["result"]
+        assert client.status().encodes == encodes  # both prompts reuse the tile's features
+    result = reply.to_result()
     assert result["engine"] == "unigeoseg" and result["model"] == loaded.name
-    assert again.header["result"]["timings_ms"]["encode_ms"] == 0.0
-    mask = reply.arrays["mask"]
+    assert again.timings_ms["encode_ms"] == 0.0
+    mask = reply.mask
     assert mask.shape == pixels.shape[:2] and mask.dtype == np.uint8
     assert 0 < mask.sum() < mask.size, "the seeded tiny model should give a non-trivial mask"
     features = result["features"]
@@ -282,7 +280,7 @@ def test_a_text_prompt_for_sam_still_gets_engine_unavailable(text_backend):
                            SegmentOptions(engine="unigeoseg"), pixels=_tile(),
                            georeference=UTM_TILE)
         assert info.value.code == "invalid_argument" and "at most 3" in info.value.message
-        assert client.hello()["protocol_version"] == 1
+        assert client.hello().protocol_version == 1
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ import platformdirs
 import pytest
 
 from unigeoseg_backend import weights
+from unigeoseg_backend.cli.weights import add_weights_parser
 from unigeoseg_backend.errors import WeightsError
 from unigeoseg_backend.weights import WeightSpec
 
@@ -379,7 +380,7 @@ def test_resolve_unknown(tmp_path):
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="unigeoseg")
-    weights.add_weights_parser(parser.add_subparsers(dest="command"))
+    add_weights_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 

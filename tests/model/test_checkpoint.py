@@ -600,14 +600,14 @@ def _full_size_check(tmp_path: Path) -> None:
         if variant == "SparseConv_1":
             # ... and the loaded full-size model segments a tile end to end, through the same
             # engine the service and the CLI run.
+            from unigeoseg_backend.engines.base import TilePrompt
             from unigeoseg_backend.engines.unigeoseg_engine import UniGeoSegEngine
-            from unigeoseg_protocol.params import Prompt
 
             engine = UniGeoSegEngine(loaded, torch.device("cpu"))
             tile = np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
             t2 = time.perf_counter()
-            prediction = engine.predict_prompt(engine.encode(tile), Prompt(text="the pond"),
-                                               None, None, None)
+            prediction = engine.decode(engine.encode(tile),
+                                       TilePrompt(task="referring", text="the pond"))
             timings["segment_s"] = time.perf_counter() - t2
             assert prediction.mask.shape == (300, 400) and prediction.mask.dtype == bool
             del engine, prediction

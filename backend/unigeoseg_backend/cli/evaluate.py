@@ -83,7 +83,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation.pipeline import EvalSettings, evaluate
     from ..evaluation.report import METRICS_MD
     from ..model.checkpoint import load_released
-    from ..runtime import configured_model, resolve_model, select_device
+    from ..runtime import select_device
+    from ..weights import configured_model, resolve_model
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unigeoseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
-    from ..weights import add_weights_parser
     from .evaluate import add_eval_parser
     from .predict import add_predict_parser
+    from .weights import add_weights_parser
 
     add_predict_parser(sub)
     add_eval_parser(sub)
@@ -56,11 +56,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..runtime import build_engines, configured_model, device_info, select_device
+    from ..engines.base import EngineSettings
+    from ..runtime import build_engines, device_info, select_device
     from ..segmenter import Segmenter
     from ..service.config import ServiceConfig
     from ..service.logs import configure_logging
     from ..service.server import Service
+    from ..weights import configured_model
 
     config = ServiceConfig.from_toml(args.config) if args.config else ServiceConfig()
     max_bytes = int(args.max_message_mb * 1024 * 1024) if args.max_message_mb else None
@@ -73,7 +75,8 @@ def run_serve(args: argparse.Namespace) -> int:
     device = select_device(config.device)
     if config.model is None and configured_model(None) is not None:  # flags > TOML > env
         config = config.with_overrides(model=configured_model(None))
-    engines = build_engines(config.sam_checkpoint, config.sam_type, device, config.model)
+    engines = build_engines(EngineSettings(device, config.sam_checkpoint, config.sam_type,
+                                           config.model))
     for name, reason in engines.reasons_unavailable().items():
         logger.warning("engine %s unavailable: %s", name, reason, extra={"engine": name})
     for name in engines.available():

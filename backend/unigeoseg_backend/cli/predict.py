@@ -149,11 +149,14 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _segment_local(args: argparse.Namespace, tile, prompt: Prompt, options: SegmentOptions):
-    from ..runtime import build_engines, configured_model, select_device
+    from ..engines.base import EngineSettings
+    from ..runtime import build_engines, select_device
     from ..segmenter import Segmenter
+    from ..weights import configured_model
 
-    engines = build_engines(args.sam_checkpoint, args.sam_type, select_device(args.device),
-                            configured_model(args.model) if prompt.text else None)
+    engines = build_engines(EngineSettings(
+        select_device(args.device), args.sam_checkpoint, args.sam_type,
+        configured_model(args.model) if prompt.text else None))
     segmenter = Segmenter(engines)
     record = segmenter.add_image(tile.pixels, tile.georeference, tile.raster)
     result = segmenter.segment(record, prompt, options)

@@ -9,6 +9,7 @@ of exactly the same code.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import WeightsError
+from ..errors import EngineUnavailableError, WeightsError
+from .base import Capabilities, Engine, EngineSettings, Prediction, TilePrompt
 
 logger = logging.getLogger(__name__)
 
@@ -148,26 +150,39 @@ class SamEmbedding:
         return self.features.numel() * self.features.element_size()
 
 
-@dataclass
-class SamPrediction:
-    """One chosen mask.
+def find_sam_checkpoint(sam_checkpoint: Path | None, sam_type: str) -> Path:
+    """The checkpoint to load: the one given, else the weights cache's ``sam_<type>``.
 
-    Attributes:
-        mask: H x W bool on the tile grid.
-        score: the model's predicted IoU of ``mask``.
-        low_res_logits: 1 x 1 x 4S x 4S logits, fed back as the mask prompt of the next click.
+    Raises:
+        WeightsError: ``sam_checkpoint`` was given and does not exist.
+        EngineUnavailableError: none was given and the cache has none (the message says how
+            to get one).
+    """
+    if sam_checkpoint is not None:
+        if not Path(sam_checkpoint).is_file():
+            raise WeightsError(f"SAM checkpoint {sam_checkpoint} does not exist")
+        return Path(sam_checkpoint)
+    from ..weights import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(f"sam_{sam_type}")
+    except WeightsError as exc:
+        raise EngineUnavailableError(
+            f"no SAM {sam_type} weights: {exc.message} Run `unigeoseg weights download "
+            f"sam_{sam_type}` or pass --sam-checkpoint PATH.") from exc
+
+
+class SamEngine(Engine):
+    """Encode a tile once, then answer any number of point / box prompts on it.
+
+    A prediction's ``score`` is SAM's predicted IoU of the mask; its ``low_res_logits``
+    (1 x 1 x 4S x 4S) come back as ``mask_input`` on the next click on the same object.
     """
 
-    mask: np.ndarray
-    score: float
-    low_res_logits: torch.Tensor
-
-
-class SamEngine:
-    """Encode a tile once, then answer any number of point / box prompts on it."""
-
     name = "sam"
-    tasks = ("interactive",)
+    title = "SAM"
+    capabilities = Capabilities(tasks=("interactive",), points=True, background_points=True,
+                                box=True, mask_feedback=True)
 
     def __init__(self, model: torch.nn.Module, sam_type: str, device: torch.device):
         from segment_anything.utils.transforms import ResizeLongestSide
@@ -181,6 +196,11 @@ class SamEngine:
     @classmethod
     def from_checkpoint(cls, checkpoint: Path, sam_type: str, device: torch.device) -> SamEngine:
         return cls(load_sam(checkpoint, sam_type, device), sam_type, device)
+
+    @classmethod
+    def loader(cls, settings: EngineSettings) -> Callable[[], SamEngine]:
+        checkpoint = find_sam_checkpoint(settings.sam_checkpoint, settings.sam_type)
+        return lambda: cls.from_checkpoint(checkpoint, settings.sam_type, settings.device)
 
     @property
     def model_id(self) -> str:
@@ -200,33 +220,25 @@ class SamEngine:
                             input_size=tuple(resized.shape[:2]))
 
     @torch.no_grad()
-    def predict(self, embedding: SamEmbedding, points_px: np.ndarray | None = None,
-                labels: np.ndarray | None = None, box_px: np.ndarray | None = None,
-                mask_input: torch.Tensor | None = None, multimask: bool = True) -> SamPrediction:
-        """Decode one mask from prompts in continuous tile pixel coordinates.
-
-        Args:
-            embedding: from :meth:`encode`.
-            points_px: N x 2 (col, row); pixel (i, j) spans [i, i+1) x [j, j+1).
-            labels: N ints, 1 foreground, 0 background.
-            box_px: 4 values (col_min, row_min, col_max, row_max), same frame.
-            mask_input: 1 x 1 x 4S x 4S logits of the previous prediction of this object.
-            multimask: decode 3 candidates and keep the best predicted IoU.
-        """
+    def _decode(self, embedding: SamEmbedding, prompt: TilePrompt) -> Prediction:
+        """Decode one mask from the points, box and previous mask of ``prompt``; with
+        ``prompt.multimask``, of 3 candidates the one with the best predicted IoU."""
         h, w = embedding.original_size
         scale = np.array([embedding.input_size[1] / w, embedding.input_size[0] / h])
         point_arg = box_arg = None
-        if points_px is not None and len(points_px):
+        if prompt.points is not None and len(prompt.points):
             # SAM adds 0.5 to its inputs ("centre of pixel"), i.e. it takes integer pixel
             # indices; our coordinates are continuous, so remove that half pixel after scaling.
-            coords = np.asarray(points_px, dtype=np.float64) * scale - 0.5
+            coords = np.asarray(prompt.points, dtype=np.float64) * scale - 0.5
             point_arg = (torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None],
-                         torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None])
-        if box_px is not None:
-            box = np.asarray(box_px, dtype=np.float64).reshape(2, 2) * scale - 0.5
+                         torch.as_tensor(prompt.labels, dtype=torch.int64,
+                                         device=self.device)[None])
+        if prompt.box is not None:
+            box = np.asarray(prompt.box, dtype=np.float64).reshape(2, 2) * scale - 0.5
             box_arg = torch.as_tensor(box.reshape(1, 4), dtype=torch.float32, device=self.device)
+        mask_input = prompt.mask_input
         # With a previous mask as prompt SAM's own guidance is a single output.
-        multimask = multimask and mask_input is None
+        multimask = prompt.multimask and mask_input is None
         sparse, dense = self.model.prompt_encoder(points=point_arg, boxes=box_arg,
                                                   masks=mask_input)
         low_res, iou = self.model.mask_decoder(
@@ -239,4 +251,4 @@ class SamEngine:
         upsampled = self.model.postprocess_masks(chosen, embedding.input_size,
                                                  embedding.original_size)
         mask = (upsampled[0, 0] > self.model.mask_threshold).cpu().numpy()
-        return SamPrediction(mask=mask, score=float(iou[0, best]), low_res_logits=chosen)
+        return Prediction(mask=mask, score=float(iou[0, best]), low_res_logits=chosen)

@@ -2,7 +2,7 @@
 
 The image side (Swin, connector, pixel decoder) runs once per tile in :meth:`encode`; its
 features are cached by the segmenter exactly like SAM's embedding, so every further prompt on
-the tile runs only Phi-1.5 and the mask decoder (:meth:`predict_prompt`).
+the tile runs only Phi-1.5 and the mask decoder (:meth:`~.base.Engine.decode`).
 
 Tiles are letterboxed to the model's square input as the official evaluation does
 (``model/preprocess.py``) and the mask logits are mapped back onto the tile grid, so a mask
@@ -11,28 +11,40 @@ always has the tile's ``H x W`` whatever its aspect ratio.
 Interactive prompts use the official normalised-coordinate instruction
 (``prompting.interactive_instruction``): UniGeoSeg knows foreground points (1 to 3) or one box,
 nothing else. Background points are dropped (the model has no way to express them); a prompt
-with no foreground point, or with more than three, is refused with a typed error.
+with no foreground point, or with more than three, is refused with a typed error
+(``capabilities``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from unigeoseg_protocol.params import Prompt
+from unigeoseg_protocol.vocabulary import TEXT_TASKS
 
-from ..errors import EmptyPromptError, InvalidInputError
+from ..errors import EngineUnavailableError, InvalidInputError, WeightsError
 from ..model.preprocess import Letterbox, letterbox_image, letterbox_tensor, logits_to_tile
 from ..model.prompting import MAX_POINTS, build_prompt, interactive_instruction
-from ..model.unigeoseg import VisionFeatures
+from .base import Capabilities, Engine, EngineSettings, Prediction, TilePrompt
+
+if TYPE_CHECKING:  # the model (and transformers) load only when an engine is built
+    from ..model.unigeoseg import VisionFeatures
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("referring", "reasoning", "interactive")
+#: The tasks UniGeoSeg answers, in the order ``hello`` lists them.
+TASKS = (*TEXT_TASKS, "interactive")
+
+NO_TEXT_MODEL = ("no UniGeoSeg model was given, so text prompts cannot be answered: pass "
+                 "--model PATH_OR_NAME (a released-layout model directory, or a model name "
+                 "under the weights cache's models/ folder); point and box prompts work with "
+                 "the sam engine")
 
 
 def _check_rgb(rgb: np.ndarray) -> None:
@@ -62,26 +74,14 @@ class UniGeoSegEmbedding:
         return self.vision.nbytes
 
 
-@dataclass
-class UniGeoSegPrediction:
-    """One mask.
-
-    Attributes:
-        mask: H x W bool on the tile grid (logits > 0).
-        score: mean sigmoid of the tile-grid logits inside ``mask``, 0.0 for an empty mask.
-            UniGeoSeg has no score head; this is the model's mean confidence over the pixels
-            it selected, not a predicted IoU like SAM's.
-        low_res_logits: 1 x 1 x S/4 x S/4 decoder logits (kept for parity with SAM; UniGeoSeg
-            takes no mask feedback).
-    """
-
-    mask: np.ndarray
-    score: float
-    low_res_logits: torch.Tensor
-
-
-class UniGeoSegEngine:
+class UniGeoSegEngine(Engine):
     """Encode a tile once, then answer text (and point / box) prompts on it.
+
+    A prediction's ``mask`` is logits > 0 on the tile grid; its ``score`` is the mean sigmoid
+    of the tile-grid logits inside the mask (0.0 for an empty mask): UniGeoSeg has no score
+    head, so this is the model's mean confidence over the pixels it selected, not a predicted
+    IoU like SAM's. ``low_res_logits`` are the 1 x 1 x S/4 x S/4 decoder logits (UniGeoSeg
+    takes no mask feedback).
 
     Args:
         loaded: a ``model.checkpoint.LoadedModel`` (model, tokenizer, config, name, path);
@@ -91,7 +91,9 @@ class UniGeoSegEngine:
     """
 
     name = "unigeoseg"
-    tasks = TASKS
+    title = "UniGeoSeg"
+    capabilities = Capabilities(tasks=TASKS, points=True, background_points=False,
+                                max_points=MAX_POINTS, box=True, text=True)
 
     def __init__(self, loaded: Any, device: torch.device | str, use_cuda_graphs: bool = True):
         self.loaded = loaded
@@ -108,6 +110,33 @@ class UniGeoSegEngine:
         self.tokenizer = loaded.tokenizer
         self.image_size = int(self.model.config.image_size)
 
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, device: torch.device) -> UniGeoSegEngine:
+        """Load the UniGeoSeg model in ``model_dir`` (in :func:`model_dtype`) as an engine.
+
+        Raises:
+            WeightsError: the directory does not hold a loadable model (the message says why).
+        """
+        from ..model.checkpoint import load_released
+
+        try:
+            loaded = load_released(model_dir, device=device, dtype=model_dtype(device))
+        except WeightsError:
+            raise
+        except Exception as exc:  # transformers / safetensors raise many types for bad files
+            raise WeightsError(f"cannot load UniGeoSeg model {model_dir}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        return cls(loaded, device)
+
+    @classmethod
+    def loader(cls, settings: EngineSettings) -> Callable[[], UniGeoSegEngine]:
+        from ..weights import resolve_model
+
+        if settings.model is None:
+            raise EngineUnavailableError(NO_TEXT_MODEL)
+        model_dir = resolve_model(settings.model)  # a model that is not there stops here
+        return lambda: cls.from_model_dir(model_dir, settings.device)
+
     @property
     def model_id(self) -> str:
         return str(self.loaded.name)
@@ -120,8 +149,7 @@ class UniGeoSegEngine:
             vision = self.model.encode_images(image[None].to(self.device))
         return UniGeoSegEmbedding(vision=vision, letterbox=box)
 
-    def segment_tiles(self, tiles: list[np.ndarray], prompt: Prompt
-                      ) -> list[UniGeoSegPrediction]:
+    def segment_tiles(self, tiles: list[np.ndarray], prompt: TilePrompt) -> list[Prediction]:
         """One text prompt on several H x W x 3 uint8 tiles, as one batch on the device.
 
         For whole-raster runs: tiles of one size travel to the device as one block of bytes
@@ -131,8 +159,9 @@ class UniGeoSegEngine:
         """
         if not tiles:
             return []
-        if prompt.task not in ("referring", "reasoning") or not prompt.text:
+        if prompt.task not in TEXT_TASKS:
             raise InvalidInputError("batched tiles take a referring or reasoning text prompt")
+        self.capabilities.check(prompt, self.title)
         for rgb in tiles:
             _check_rgb(rgb)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -149,14 +178,14 @@ class UniGeoSegEngine:
             tokenised = build_prompt(prompt.task, prompt.text, self.tokenizer)
             vision = self.model.encode_images(torch.stack(images))
             logits = self.model.segment(vision, [tokenised] * len(tiles))  # B 1 S/4 S/4
-            predictions: list[UniGeoSegPrediction | None] = [None] * len(tiles)
+            by_tile: dict[int, Prediction] = {}
             for shape, indexes in groups.items():
                 group_logits = logits[indexes]
                 masks, scores = self._masks_and_scores(group_logits[:, 0], boxes[shape])
                 for j, i in enumerate(indexes):
-                    predictions[i] = UniGeoSegPrediction(mask=masks[j], score=float(scores[j]),
-                                                         low_res_logits=group_logits[j:j + 1])
-        return predictions
+                    by_tile[i] = Prediction(mask=masks[j], score=float(scores[j]),
+                                            low_res_logits=group_logits[j:j + 1])
+        return [by_tile[i] for i in range(len(tiles))]
 
     @staticmethod
     def _masks_and_scores(logits: torch.Tensor, box: Letterbox) -> tuple[np.ndarray, np.ndarray]:
@@ -168,42 +197,26 @@ class UniGeoSegEngine:
         scores = inside / masks.sum(dim=(-2, -1)).clamp(min=1)
         return masks.cpu().numpy(), scores.cpu().numpy()
 
-    def instruction(self, embedding: UniGeoSegEmbedding, prompt: Prompt,
-                    points_px: np.ndarray | None, labels: np.ndarray | None,
-                    box_px: np.ndarray | None) -> tuple[str, str]:
-        """(task, instruction text) for ``prompt`` on this tile; raises when it cannot be asked."""
-        task = prompt.task
-        if task in ("referring", "reasoning"):
-            if not prompt.text:
-                raise EmptyPromptError(f"a {task} prompt needs a text instruction")
-            return task, prompt.text
-        if task != "interactive":
-            raise InvalidInputError(f"unknown task {task!r}; UniGeoSeg does {list(TASKS)}")
+    def instruction(self, embedding: UniGeoSegEmbedding, prompt: TilePrompt) -> str:
+        """The instruction text UniGeoSeg is asked for ``prompt`` on this tile: the text of a
+        referring / reasoning prompt; for an interactive one the official coordinate
+        instruction (the box if there is one, else the foreground points), followed by the
+        prompt's text if any."""
+        if prompt.task in TEXT_TASKS:
+            return str(prompt.text)
         width, height = embedding.letterbox.width, embedding.letterbox.height
         # Coordinates are fractions of the tile's width and height (the official code
         # normalises by the original image's size, not by the letterboxed input's).
-        if box_px is not None:
-            c0, r0, c1, r1 = (float(v) for v in box_px)
+        if prompt.box is not None:
+            c0, r0, c1, r1 = (float(v) for v in prompt.box)
             text = interactive_instruction(box_norm=np.clip(
                 [c0 / width, r0 / height, c1 / width, r1 / height], 0.0, 1.0))
         else:
-            if points_px is None or not len(points_px):
-                raise EmptyPromptError("an interactive prompt needs points or a box")
-            labels = np.ones(len(points_px), np.int64) if labels is None else np.asarray(labels)
-            positive = np.asarray(points_px, dtype=np.float64)[labels == 1]
-            if not len(positive):
-                raise InvalidInputError(
-                    "UniGeoSeg takes foreground points only (1 to 3) or a box; background "
-                    "points alone cannot be asked: add a foreground point, or use the sam engine",
-                    {"engine": self.name, "positive_points": 0})
-            if len(positive) > MAX_POINTS:
-                raise InvalidInputError(
-                    f"UniGeoSeg takes at most {MAX_POINTS} foreground points (got "
-                    f"{len(positive)}); use a box, fewer points, or the sam engine",
-                    {"engine": self.name, "positive_points": int(len(positive))})
-            if len(positive) < len(labels):
+            points = np.asarray(prompt.points, dtype=np.float64)
+            positive = points[np.asarray(prompt.labels) == 1]
+            if len(positive) < len(points):
                 logger.info("unigeoseg ignores %d background point(s)",
-                            len(labels) - len(positive))
+                            len(points) - len(positive))
             norm = np.clip(positive / np.array([width, height]), 0.0, 1.0)
             text = interactive_instruction(points_norm=norm.tolist())
         if prompt.text:
@@ -211,24 +224,13 @@ class UniGeoSegEngine:
             # parser (parse_interactive_coords); keep them out of the instruction.
             extra = prompt.text.replace("[", "(").replace("]", ")")
             text = f"{text} {extra}"
-        return task, text
+        return text
 
-    def predict_prompt(self, embedding: UniGeoSegEmbedding, prompt: Prompt,
-                       points_px: np.ndarray | None = None, labels: np.ndarray | None = None,
-                       box_px: np.ndarray | None = None) -> UniGeoSegPrediction:
-        """One mask for ``prompt`` on an encoded tile.
-
-        Args:
-            embedding: from :meth:`encode`.
-            prompt: its ``task`` selects the head; ``text`` is the instruction (referring,
-                reasoning) or extra wording after the coordinates (interactive).
-            points_px: N x 2 (col, row), continuous tile pixel coordinates (interactive).
-            labels: N ints, 1 foreground, 0 background (background points are dropped).
-            box_px: (col_min, row_min, col_max, row_max), same frame; wins over points.
-        """
-        task, text = self.instruction(embedding, prompt, points_px, labels, box_px)
-        tokenised = build_prompt(task, text, self.tokenizer)
+    def _decode(self, embedding: UniGeoSegEmbedding, prompt: TilePrompt) -> Prediction:
+        """One mask: ``prompt.task`` selects the head, :meth:`instruction` is what is asked."""
+        tokenised = build_prompt(prompt.task, self.instruction(embedding, prompt),
+                                 self.tokenizer)
         with torch.inference_mode():
             logits = self.model.segment(embedding.vision, [tokenised])  # 1 1 S/4 S/4
             masks, scores = self._masks_and_scores(logits[:, 0], embedding.letterbox)
-        return UniGeoSegPrediction(mask=masks[0], score=float(scores[0]), low_res_logits=logits)
+        return Prediction(mask=masks[0], score=float(scores[0]), low_res_logits=logits)

@@ -4,6 +4,9 @@ A write never modifies the target in place: the new file is built next to it (sa
 so same filesystem) and moved over it with one ``os.replace``. A crash, a full disk or an error
 half-way leaves the previous file byte for byte as it was. The CRS GDAL recorded is read back
 and checked before the move, so a file never claims a CRS other than its coordinates'.
+
+:func:`write_vector` writes a file at once; :class:`StagedLayer` streams features into a
+GeoPackage part by part (whole-raster runs) with the same guarantees.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import sqlite3
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -29,7 +31,6 @@ from pyproj import CRS
 
 from ..errors import CRSError, InvalidInputError
 from .crs import crs_to_text, parse_crs, same_crs
-from .vectorize import reproject_geometries
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_layer(path: Path, driver: str, layer: str, geoms: Sequence[shapely.Geometry],
+def _write_layer(path: Path, driver: str, layer: str, geoms: Sequence[shapely.Geometry],
                  properties: Any, crs: CRS, append: bool) -> None:
     """Write (or append) one layer with pyogrio; the CRS is passed as exact text (pyogrio's
     DataFrame writer would round it to an EPSG code that matches at only 70% confidence)."""
@@ -170,7 +171,7 @@ def write_layer(path: Path, driver: str, layer: str, geoms: Sequence[shapely.Geo
                       layer_options=_GEOJSON_OPTIONS if driver == "GeoJSON" else None)
 
 
-def check_written_crs(path: Path, layer: str, crs: CRS) -> None:
+def _check_written_crs(path: Path, layer: str, crs: CRS) -> None:
     """Read back the CRS GDAL recorded and refuse a file that would mislabel its coordinates
     (GeoJSON, for one, silently drops a CRS that has no authority code)."""
     written = pyogrio.read_info(str(path), layer=layer).get("crs")
@@ -180,7 +181,7 @@ def check_written_crs(path: Path, layer: str, crs: CRS) -> None:
                        details={"crs": crs_to_text(crs)})
 
 
-def commit_file(tmp: Path, path: Path, overwrite: bool) -> None:
+def _commit_file(tmp: Path, path: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` onto ``path`` atomically."""
     _fsync(tmp)
     if overwrite:
@@ -190,30 +191,91 @@ def commit_file(tmp: Path, path: Path, overwrite: bool) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError as exc:
-            raise VectorFileExistsError(f"{path} exists; pass overwrite=True to replace it",
-                                        details={"path": str(path)}) from exc
+            raise _exists(path) from exc
         except OSError:  # a filesystem without hard links: check, then replace
             if path.exists():
-                raise VectorFileExistsError(f"{path} exists; pass overwrite=True to replace it",
-                                            details={"path": str(path)}) from None
+                raise _exists(path) from None
             os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
-class _Staging:
-    """A private directory next to ``path`` for building its replacement; removed on exit,
-    with whatever a failed write left there."""
+def _exists(path: Path) -> VectorFileExistsError:
+    return VectorFileExistsError(f"{path} exists; pass overwrite=True to replace it",
+                                 details={"path": str(path)})
 
-    def __init__(self, path: Path):
-        self.path = path
 
-    def __enter__(self) -> Path:
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                         dir=self.path.parent))
-        return self.dir / self.path.name
+class StagedLayer:
+    """A new vector file with one layer, built in a private folder next to ``path`` and moved
+    onto ``path`` by :meth:`commit`.
+
+    Use it as a context manager: leaving the ``with`` block removes the folder, and with it
+    whatever was written when :meth:`commit` was not reached (an error, Ctrl+C), so ``path`` is
+    either untouched or the complete new file. While the block runs, no other write of this
+    process goes to ``path``.
+
+    Args:
+        path: target file; the suffix picks the driver (``.gpkg`` GeoPackage, ``.geojson``
+            GeoJSON). Its directory must exist.
+        crs: CRS of every geometry appended, recorded in the file.
+        layer: layer name (GeoPackage table; GeoJSON "name").
+        overwrite: replace an existing file (the whole file, every layer of it).
+
+    Raises (on entering):
+        InvalidInputError: unsupported suffix.
+        VectorFileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+
+    def __init__(self, path: str | os.PathLike, crs: CRS, layer: str = "segments",
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.driver = _driver_for(self.path)
+        self.crs, self.layer, self.overwrite = crs, layer, overwrite
+        self.count = 0  # features appended so far
+        self._created = False
+
+    def __enter__(self) -> StagedLayer:
+        self._lock = _path_lock(self.path)
+        self._lock.acquire()
+        try:
+            if self.path.exists() and not self.overwrite:
+                raise _exists(self.path)
+            self._dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                              dir=self.path.parent))
+        except BaseException:
+            self._lock.release()
+            raise
+        self._tmp = self._dir / self.path.name
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        finally:
+            self._lock.release()
+
+    def append(self, geoms: Sequence[shapely.Geometry],
+               properties: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None) -> None:
+        """Add features (geometries in ``crs`` with their attributes, as for
+        :func:`write_vector`). Only a GeoPackage takes more than one non-empty part."""
+        geoms = list(geoms)
+        if not geoms:
+            return
+        if self._created and self.driver != "GPKG":
+            raise InvalidInputError(f"{self.path.name}: only a GeoPackage is written in parts")
+        _write_layer(self._tmp, self.driver, self.layer, geoms, properties, self.crs,
+                     append=self._created)
+        self._created = True
+        self.count += len(geoms)
+
+    def commit(self) -> Path:
+        """Check the CRS recorded and move the file onto ``path`` (an empty layer when nothing
+        was appended)."""
+        if not self._created:
+            _write_layer(self._tmp, self.driver, self.layer, [], None, self.crs, append=False)
+            self._created = True
+        _check_written_crs(self._tmp, self.layer, self.crs)
+        _commit_file(self._tmp, self.path, self.overwrite)
+        return self.path
 
 
 def write_vector(path: str | os.PathLike, geoms: Sequence[shapely.Geometry],
@@ -242,87 +304,12 @@ def write_vector(path: str | os.PathLike, geoms: Sequence[shapely.Geometry],
         CRSError: the format cannot record ``crs`` (GeoJSON without an authority code).
         OSError, pyogrio errors: the write itself failed; ``path`` is then untouched.
     """
-    path = Path(path)
-    driver = _driver_for(path)
     geoms = list(geoms)
-    with _path_lock(path):
-        if path.exists() and not overwrite:
-            raise VectorFileExistsError(f"{path} exists; pass overwrite=True to replace it",
-                                        details={"path": str(path)})
-        with _Staging(path) as tmp:
-            write_layer(tmp, driver, layer, geoms, properties, crs, append=False)
-            check_written_crs(tmp, layer, crs)
-            commit_file(tmp, path, overwrite)
-    logger.info("wrote %d feature(s) to %s (layer %s)", len(geoms), path, layer)
-    return path
-
-
-def _add_missing_columns(gpkg: Path, layer: str, names: list[str],
-                         columns: list[np.ndarray]) -> None:
-    """Add to an existing GeoPackage table the attribute columns it lacks (GDAL appends only
-    into existing fields). The GeoPackage is SQLite; OGR reads its fields from the table."""
-    existing = set(pyogrio.read_info(str(gpkg), layer=layer)["fields"].tolist())
-    missing = [(n, c) for n, c in zip(names, columns, strict=True) if n not in existing]
-    if not missing:
-        return
-    sql_types = {"b": "BOOLEAN", "i": "INTEGER", "f": "REAL"}
-    with sqlite3.connect(gpkg) as db:
-        for name, column in missing:
-            quoted = '"' + name.replace('"', '""') + '"'
-            table = '"' + layer.replace('"', '""') + '"'
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {quoted} "
-                       f"{sql_types.get(column.dtype.kind, 'TEXT')}")
-    db.close()
-
-
-def append_vector(path: str | os.PathLike, geoms: Sequence[shapely.Geometry],
-                  properties: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None, crs: CRS,
-                  layer: str = "segments") -> Path:
-    """Append features to a layer of a GeoPackage, atomically (copy, append, replace).
-
-    A missing file or layer is created. When the layer exists in another CRS the geometries are
-    reprojected into it (vertex by vertex, see :func:`reproject_geometries`); attribute names
-    the layer lacks are added as new columns.
-
-    Args:
-        path: a ``.gpkg`` file.
-        geoms, properties, crs, layer: as for :func:`write_vector`.
-
-    Raises:
-        InvalidInputError: not a ``.gpkg`` path, or properties not matching geoms.
-        CRSError: the existing layer has no CRS, or one the geometries cannot be moved into.
-        OSError, pyogrio errors: the write itself failed; ``path`` is then untouched.
-    """
-    path = Path(path)
-    geoms = list(geoms)
-    if _driver_for(path) != "GPKG":
-        raise InvalidInputError(f"cannot append to {path.name!r}: only GeoPackage (.gpkg) "
-                                f"files can be appended to")
-    with _path_lock(path):
-        if not path.exists():
-            with _Staging(path) as tmp:
-                write_layer(tmp, "GPKG", layer, geoms, properties, crs, append=False)
-                check_written_crs(tmp, layer, crs)
-                commit_file(tmp, path, overwrite=True)
-            return path
-        with _Staging(path) as tmp:
-            shutil.copy2(path, tmp)
-            layers = {str(name) for name, _ in pyogrio.list_layers(str(tmp))}
-            if layer in layers:
-                layer_crs_text = pyogrio.read_info(str(tmp), layer=layer).get("crs")
-                if layer_crs_text is None:
-                    raise CRSError(f"layer {layer!r} of {path} has no CRS; cannot append "
-                                   f"geometries in {crs.name}")
-                layer_crs = parse_crs(layer_crs_text)
-                if not same_crs(layer_crs, crs):
-                    logger.info("reprojecting %d geometries from %s to the layer CRS %s",
-                                len(geoms), crs.name, layer_crs.name)
-                    geoms = reproject_geometries(geoms, crs, layer_crs)
-                    crs = layer_crs
-                names, columns, _ = _fields(properties, len(geoms))
-                _add_missing_columns(tmp, layer, names, columns)
-            write_layer(tmp, "GPKG", layer, geoms, properties, crs, append=True)
-            check_written_crs(tmp, layer, crs)
-            commit_file(tmp, path, overwrite=True)
-    logger.info("appended %d feature(s) to %s (layer %s)", len(geoms), path, layer)
-    return path
+    with StagedLayer(path, crs, layer, overwrite) as staged:
+        if geoms:
+            staged.append(geoms, properties)
+        else:  # still check the properties given for no geometries
+            _fields(properties, 0)
+        written = staged.commit()
+    logger.info("wrote %d feature(s) to %s (layer %s)", len(geoms), written, layer)
+    return written
