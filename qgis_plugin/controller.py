@@ -1,18 +1,18 @@
 """What happens between a click and a polygon in a layer (GUI thread, never blocking).
 
-The controller turns map-tool events into prompts on a tile, keeps the tile (and so the
-backend's cached embedding) while later clicks stay inside it, previews each result as a
-rubber band, and writes accepted polygons through the target layer's edit buffer.
+The controller turns map-tool events into prompts on a tile, previews each result as a
+rubber band, and writes accepted polygons through the target layer's edit buffer. What to do
+when (keep the tile, coalesce clicks, aggregate a text run's tiles) is decided by the pure
+``core.interaction.Interaction``; this file does the reading, the requests and the drawing.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from qgis.core import (
     Qgis,
@@ -31,17 +31,16 @@ from qgis.PyQt.QtCore import QObject, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
 from .core import results
+from .core.crs import crs_from_wire, crs_to_wire
+from .core.interaction import Interaction, TextRun
 from .core.log import log, warn
 from .core.raster_read import display_bands, is_file_raster
 from .core.raster_window import read_window_around
 from .core.render import render_window
-from .core.session import PromptSession
 from .core.settings import PluginSettings
-from .core.tiles import TileWindow, tiles_and_cores_over_extent, window_around
+from .core.tiles import TileWindow, extent_window, tile_windows, window_around
 from .tasks import BackendRequestTask, submit
-
-#: A click this close to a window edge gets a new window centred on it (context matters).
-EDGE_MARGIN_PX = 32
+from .unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
 
 
 @dataclass
@@ -50,14 +49,6 @@ class Accepted:
 
     layer: QgsVectorLayer
     feature_count: int
-
-
-@dataclass
-class _TextRun:
-    """One text request over the visible extent: tile results so far, tiles still out."""
-
-    pending: int
-    tiles: list[tuple[dict[str, Any], QgsRectangle]] = field(default_factory=list)
 
 
 class SegmentationController(QObject):
@@ -83,11 +74,8 @@ class SegmentationController(QObject):
         self.message = message
         self.source_layer: QgsRasterLayer | None = None
         self.target_layer: QgsVectorLayer | None = None
-        self.session = PromptSession()
+        self.interaction = Interaction()
         self._accepted: list[Accepted] = []
-        self._text_run: _TextRun | None = None
-        self._in_flight: str | None = None
-        self._resend = False
         self._preview = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
         self._preview.setColor(QColor(0, 200, 255, 230))
         self._preview.setFillColor(QColor(0, 200, 255, 60))
@@ -95,12 +83,17 @@ class SegmentationController(QObject):
         self._markers = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PointGeometry)
         self._markers.setIconSize(8)
 
+    @property
+    def session(self):
+        """The prompts of the current object (``core.session.PromptSession``)."""
+        return self.interaction.session
+
     # ------------------------------------------------------------------ inputs
 
     def set_source_layer(self, layer: QgsRasterLayer | None) -> None:
         if layer is not self.source_layer:
             self.source_layer = layer
-            self.session = PromptSession()
+            self.interaction = Interaction()
             self._refresh_overlays()
 
     def add_point(self, canvas_point: QgsPointXY, label: int) -> None:
@@ -149,12 +142,9 @@ class SegmentationController(QObject):
 
     def clear(self) -> None:
         """Esc: forget the current object's prompts, and cancel its request if one is out."""
-        if self._in_flight is not None:
-            request_id, self._in_flight = self._in_flight, None
+        request_id = self.interaction.clear()
+        if request_id is not None:
             self.connection.cancel(request_id)
-        self._resend = False
-        self._text_run = None
-        self.session.next_object()
         self._refresh_overlays()
 
     def accept(self) -> int:
@@ -164,18 +154,17 @@ class SegmentationController(QObject):
             self.message("nothing to accept yet: click on the object first", Qgis.MessageLevel.Info)
             return 0
         layer = self.target_layer or self._default_target_layer()
-        source_crs = results.collection_crs(result, self._result_default_crs())
-        features = results.to_layer_features(result, source_crs, layer,
-                                             self.source_layer.name() if self.source_layer
-                                             else "")
+        features = results.to_layer_features(
+            result, results.collection_crs(result, self._result_default_crs()), layer.fields(),
+            self.source_layer.name() if self.source_layer else "", target_crs=layer.crs(),
+            multi=QgsWkbTypes.isMultiType(layer.wkbType()))
         if not results.add_features_undoably(layer, features):
             self.message(f"could not add polygons to {layer.name()} (is it read-only?)",
                          Qgis.MessageLevel.Critical)
             return 0
         layer.triggerRepaint()
         self._accepted.append(Accepted(layer, len(features)))
-        self._text_run = None  # tiles still on their way belong to the accepted result
-        self.session.next_object()
+        self.interaction.accepted()
         self._refresh_overlays()
         self.accepted.emit(len(features))
         return len(features)
@@ -183,7 +172,8 @@ class SegmentationController(QObject):
     # ------------------------------------------------------------------ text
 
     def segment_text(self, text: str, task: str) -> None:
-        """Referring / reasoning over the visible extent, tiled at the canvas resolution."""
+        """Referring / reasoning over the visible extent: overlapping tiles rendered at the
+        canvas resolution (``tiles.tile_windows``), one ``segment`` request per tile."""
         if not self._ready() or not text.strip():
             return
         engine = (self.connection.hello_info or {}).get("engines", {}).get("unigeoseg", {})
@@ -192,24 +182,22 @@ class SegmentationController(QObject):
                          f"offer: {engine.get('reason', 'not available')}",
                          Qgis.MessageLevel.Warning)
             return
-        crs = self.canvas.mapSettings().destinationCrs()
         extent = self.canvas.mapSettings().visibleExtent()
-        tiles = tiles_and_cores_over_extent(crs.authid() or crs.toWkt(),
-                                            (extent.xMinimum(), extent.yMinimum(),
-                                             extent.xMaximum(), extent.yMaximum()),
-                                            self.canvas.mapUnitsPerPixel(),
-                                            self.settings.tile_px)
-        self.session.new_window(None)  # text results are not tied to a click window
-        run = self._text_run = _TextRun(pending=len(tiles))
-        for index, (window, core) in enumerate(tiles, start=1):
-            pixels = render_window(self.source_layer, window)
+        area = extent_window(crs_to_wire(self._canvas_crs()),
+                             (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(),
+                              extent.yMaximum()), self.canvas.mapUnitsPerPixel())
+        tiles = tile_windows(area, self.settings.tile_size_px)
+        run = self.interaction.start_text_run(len(tiles))
+        prompt = Prompt(text=text, task=task).to_wire()
+        options = self._options("unigeoseg").to_wire()
+        for index, tile in enumerate(tiles, start=1):
+            pixels = render_window(self.source_layer, tile.window)
             submit(BackendRequestTask(
                 f"UniGeoSeg: '{text[:40]}' tile {index}/{len(tiles)}", self.connection,
-                "segment", {"georeference": self._georeference(window),
-                            "prompt": {"text": text, "task": task},
-                            "options": dict(self._options(), engine="unigeoseg")},
+                "segment", {"georeference": self._georeference(tile.window).to_wire(),
+                            "prompt": prompt, "options": options},
                 {"pixels": pixels}, self.settings.request_timeout_s,
-                functools.partial(self._on_text_reply, run, QgsRectangle(*core)),
+                functools.partial(self._on_text_reply, run, QgsRectangle(*tile.core.extent)),
                 functools.partial(self._on_text_error, run)))
 
     # ------------------------------------------------------------------ internals
@@ -225,16 +213,11 @@ class SegmentationController(QObject):
         return True
 
     def _window_for(self, canvas_point: QgsPointXY) -> TileWindow | None:
-        """The current tile if the point is well inside it, else a new tile around the point."""
+        """The current tile if the point stays on it, else a new tile around the point."""
         current = self.session.window
-        if current is not None:
-            x, y = self._to_window_crs(canvas_point, current)
-            # A first click near the edge gets a window centred on it; later clicks on the
-            # same object stay on its window wherever they fall inside it (a window at the
-            # raster's border cannot be centred anyway).
-            margin = EDGE_MARGIN_PX if self.session.is_empty else 0.0
-            if current.contains(x, y, margin):
-                return current
+        if current is not None and self.interaction.keeps_window(
+                *self._to_window_crs(canvas_point, current)):
+            return current
         try:
             window, pixels, raster = self._new_window(canvas_point)
         except Exception as exc:  # noqa: BLE001 - any provider/render failure: tell, don't crash
@@ -242,143 +225,115 @@ class SegmentationController(QObject):
             self.message(f"could not read pixels from {self.source_layer.name()}: {exc}",
                          Qgis.MessageLevel.Critical)
             return None
-        self.session.new_window(window)
+        self.interaction.move_to(window)
         self._upload(window, pixels, raster)
         return window
 
     def _new_window(self, canvas_point: QgsPointXY):
+        """(window, pixels, raster options) of a new tile around a canvas point: a file
+        raster's own pixels, or the layer rendered on the canvas CRS's grid."""
         layer = self.source_layer
-        tile_px = self.settings.tile_px
-        if is_file_raster(layer) and self.settings.ground_resolution <= 0:
+        tile_px = self.settings.tile_size_px
+        if is_file_raster(layer) and self.settings.pixel_size_map_units <= 0:
             to_layer = QgsCoordinateTransform(self._canvas_crs(), layer.crs(),
                                               QgsProject.instance())
             point = to_layer.transform(canvas_point)
-            native = read_window_around(layer, point.x(), point.y(), tile_px,
-                                        bands=display_bands(layer))
-            gt = native.georeference.geotransform
-            window = TileWindow(crs=native.georeference.crs, x0=gt[0], y0=gt[3],
-                                pixel_size=gt[1], width=native.width, height=native.height)
-            return window, native.pixels, native.raster.to_wire()
-        crs = self._canvas_crs()
-        resolution = self.settings.ground_resolution or self.canvas.mapUnitsPerPixel()
-        window = window_around(crs.authid() or crs.toWkt(), canvas_point.x(), canvas_point.y(),
-                               resolution, tile_px)
-        return window, render_window(layer, window), {"stretch": "auto"}
+            tile = read_window_around(layer, point.x(), point.y(), tile_px,
+                                      bands=display_bands(layer))
+            return tile.window, tile.pixels, tile.raster
+        resolution = self.settings.pixel_size_map_units or self.canvas.mapUnitsPerPixel()
+        window = window_around(crs_to_wire(self._canvas_crs()), canvas_point.x(),
+                               canvas_point.y(), resolution, tile_px)
+        return window, render_window(layer, window), RasterOptions()
 
-    def _upload(self, window: TileWindow, pixels, raster: dict[str, Any]) -> None:
+    def _upload(self, window: TileWindow, pixels, raster: RasterOptions) -> None:
         self._set_busy(True)
-        window_key = window
 
         def on_reply(message) -> None:
-            if self.session.window is window_key:
-                self.session.image_id = message.header["result"]["image_id"]
-                log(f"tile {window.width}x{window.height} ready "
-                    f"({message.header['result']['embedding']})")
+            result = message.header["result"]
+            if self.session.window is window:
+                log(f"tile {window.width}x{window.height} ready ({result['embedding']})")
                 self._set_busy(False)
-                if self._resend or not self.session.is_empty:
-                    self._resend = False
-                    self._segment()
+            if self.interaction.image_ready(window, result["image_id"]):
+                self._segment()
 
         def on_error(code: str, text: str) -> None:
-            if self.session.window is window_key:  # the next click uploads the tile again
-                self.session.window = None
-                self._resend = False
+            self.interaction.image_failed(window)
             self._on_error(code, text)
 
         # Encoding can take seconds on a CPU: show it in the task bar, where it can be cancelled.
         submit(BackendRequestTask(
             f"UniGeoSeg: encoding a {window.width} x {window.height} tile", self.connection,
-            "set_image", {"georeference": self._georeference(window), "raster": raster,
-                          "engine": "sam"},
+            "set_image", {"georeference": self._georeference(window).to_wire(),
+                          "raster": raster.to_wire(), "engine": "sam"},
             {"pixels": pixels}, self.settings.request_timeout_s, on_reply, on_error))
 
     def _segment(self) -> None:
-        """Ask for the mask of the current prompts; coalesces clicks made while waiting."""
-        if self.session.image_id is None or self._in_flight is not None:
-            self._resend = True
+        """Ask for the mask of the current prompts, unless it must wait (coalescing)."""
+        if not self.interaction.segment_wanted():
             return
-        if self.session.is_empty:
-            return
-        self._resend = False
         self._set_busy(True)
         object_key = self.session.object_key
-        self._in_flight = self.connection.request(
-            "segment", {"image_id": self.session.image_id, "prompt": self.session.prompt_wire(),
-                        "options": self._options()},
+        self.interaction.segment_sent(self.connection.request(
+            "segment", {"image_id": self.session.image_id,
+                        "prompt": self.session.prompt().to_wire(),
+                        "options": self._options("sam").to_wire()},
             timeout_s=self.settings.request_timeout_s,
             on_reply=lambda message: self._on_segment_reply(message, object_key),
-            on_error=self._on_segment_error)
+            on_error=self._on_segment_error))
 
     def _on_segment_reply(self, message, object_key: str) -> None:
-        self._in_flight = None
         self._set_busy(False)
-        if object_key != self.session.object_key:
-            # The prompts changed meanwhile (undo, accept, clear): this answer is stale.
-            if self._resend and not self.session.is_empty:
-                self._segment()
-            return
-        self.session.result = message.header["result"]["features"]
-        for feature in self.session.result["features"]:
-            feature["properties"]["source_layer"] = self.source_layer.name()
-        self._refresh_overlays()
-        if self._resend:
+        collection = message.header["result"]["features"]
+        if self.interaction.segment_answered(object_key, collection):
+            for feature in collection["features"]:
+                feature["properties"]["source_layer"] = self.source_layer.name()
+            self._refresh_overlays()
+        if self.interaction.resend:
             self._segment()
 
     def _on_segment_error(self, code: str, text: str) -> None:
-        self._in_flight = None
-        if code == "unknown_image":  # the backend was restarted or evicted the tile
-            self.session.window = None
+        self.interaction.segment_failed(code)
         self._on_error(code, text)
 
-    def _on_text_reply(self, run: _TextRun, core: QgsRectangle, message) -> None:
+    def _on_text_reply(self, run: TextRun, core: QgsRectangle, message) -> None:
         """Tiles answer one by one: their polygons show as they come (same CRS, the
         canvas's); once every tile has answered they are clipped to the tiles' cores and
         merged across the seams (``results.merge_tile_results``)."""
-        if run is not self._text_run:
-            return  # a newer text request, or the result was accepted or cleared
-        run.tiles.append((message.header["result"]["features"], core))
-        self._text_tile_done(run)
+        if self.interaction.text_tile_done(run, message.header["result"]["features"], core,
+                                           results.merge_tile_results):
+            self._refresh_overlays()
 
-    def _on_text_error(self, run: _TextRun, code: str, text: str) -> None:
-        if run is self._text_run:
-            self._text_tile_done(run)
+    def _on_text_error(self, run: TextRun, code: str, text: str) -> None:
+        if self.interaction.text_tile_done(run, None, None, results.merge_tile_results):
+            self._refresh_overlays()
         self._on_error(code, text)
-
-    def _text_tile_done(self, run: _TextRun) -> None:
-        """The preview: the tiles' polygons as they are, then merged once all have answered."""
-        run.pending -= 1
-        if run.tiles:
-            first, _ = run.tiles[0]
-            self.session.result = (
-                results.merge_tile_results(run.tiles) if run.pending == 0 else
-                {**first, "features": [f for tile, _ in run.tiles for f in tile["features"]]})
-        self._refresh_overlays()
 
     def _on_error(self, code: str, text: str) -> None:
         self._set_busy(False)
         level = Qgis.MessageLevel.Info if code == "cancelled" else Qgis.MessageLevel.Warning
         self.message(f"{text} ({code})", level)
 
-    def _options(self) -> dict[str, Any]:
-        return {"engine": "sam", "multimask": True, "simplify": self.settings.simplify,
-                "min_area": self.settings.min_area}
+    def _options(self, engine: str) -> SegmentOptions:
+        return SegmentOptions(engine=engine, multimask=True,
+                              simplify=self.settings.simplify_map_units,
+                              min_area=self.settings.min_area_square_map_units)
 
     @staticmethod
-    def _georeference(window: TileWindow) -> dict[str, Any]:
-        return {"crs": window.crs, "geotransform": list(window.geotransform)}
+    def _georeference(window: TileWindow) -> Georeference:
+        return Georeference(window.crs, window.geotransform)
 
     def _result_default_crs(self) -> str:
-        """CRS of a result without a ``crs`` member: its window's, else the canvas's."""
+        """Wire CRS of a result without a ``crs`` member: its window's, else the canvas's."""
         if self.session.window is not None:
             return self.session.window.crs
-        crs = self._canvas_crs()
-        return crs.authid() or crs.toWkt()
+        return crs_to_wire(self._canvas_crs())
 
     def _canvas_crs(self) -> QgsCoordinateReferenceSystem:
         return self.canvas.mapSettings().destinationCrs()
 
     def _transform_to(self, window: TileWindow) -> QgsCoordinateTransform:
-        return QgsCoordinateTransform(self._canvas_crs(), QgsCoordinateReferenceSystem(window.crs),
+        return QgsCoordinateTransform(self._canvas_crs(), crs_from_wire(window.crs),
                                       QgsProject.instance())
 
     def _to_window_crs(self, canvas_point: QgsPointXY, window: TileWindow) -> tuple[float, float]:
@@ -394,7 +349,7 @@ class SegmentationController(QObject):
         self._preview.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
         window = self.session.window
         if window is not None:
-            crs = QgsCoordinateReferenceSystem(window.crs)
+            crs = crs_from_wire(window.crs)
             for x, y in self.session.points:
                 self._markers.addGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)), crs)
         result = self.session.result
@@ -416,10 +371,6 @@ class SegmentationController(QObject):
         self.message(f"new layer {layer.name()} in {folder / 'unigeoseg_segments.gpkg'}",
                      Qgis.MessageLevel.Info)
         return layer
-
-    def preview_geometries(self) -> list[QgsGeometry]:
-        """The previewed polygons in canvas CRS (for tests and the dock's summary)."""
-        return [self._preview.asGeometry()] if self._preview.numberOfVertices() else []
 
     def remove_overlays(self) -> None:
         scene = self.canvas.scene()

@@ -169,9 +169,9 @@ class UniGeoSegPlugin:
         dock.startBackendRequested.connect(self._start_backend)
         dock.source_combo.layerChanged.connect(controller.set_source_layer)
         dock.target_combo.layerChanged.connect(self._target_changed)
-        dock.simplify_spin.setValue(self.settings.simplify)
-        dock.min_area_spin.setValue(self.settings.min_area)
-        dock.resolution_spin.setValue(self.settings.ground_resolution)
+        dock.simplify_spin.setValue(self.settings.simplify_map_units)
+        dock.min_area_spin.setValue(self.settings.min_area_square_map_units)
+        dock.resolution_spin.setValue(self.settings.pixel_size_map_units)
         dock.address_edit.setText(self.settings.backend_address)
         dock.python_edit.setText(self.settings.backend_python)
         dock.args_edit.setText(self.settings.backend_args)
@@ -189,9 +189,9 @@ class UniGeoSegPlugin:
             self.controller.target_layer = layer
 
     def _options_changed(self) -> None:
-        self.settings.simplify = self.dock.simplify_spin.value()
-        self.settings.min_area = self.dock.min_area_spin.value()
-        self.settings.ground_resolution = self.dock.resolution_spin.value()
+        self.settings.simplify_map_units = self.dock.simplify_spin.value()
+        self.settings.min_area_square_map_units = self.dock.min_area_spin.value()
+        self.settings.pixel_size_map_units = self.dock.resolution_spin.value()
         self.settings.save()
 
     def _backend_settings_changed(self) -> None:

@@ -13,5 +13,6 @@ bash scripts/setup_backend.sh .venv "[test,lint]"
 .venv/bin/ruff check .
 .venv/bin/mypy              # which files, and how: pyproject.toml, [tool.mypy]
 .venv/bin/python -m pytest tests/protocol tests/backend tests/model -p no:cacheprovider
+.venv/bin/python -m pytest tests/plugin -p no:cacheprovider  # the plugin's pure logic
 QT_QPA_PLATFORM=offscreen UNIGEOSEG_BACKEND_PYTHON="$PWD/.venv/bin/python" \
     .venv-qgis/bin/python -m pytest tests/qgis -p no:cacheprovider

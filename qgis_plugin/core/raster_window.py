@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 from qgis.core import (
     Qgis,
-    QgsCoordinateReferenceSystem,
     QgsRasterBlockFeedback,
     QgsRasterDataProvider,
     QgsRasterLayer,
@@ -31,13 +30,14 @@ from qgis.core import (
 )
 
 from ..unigeoseg_protocol.params import Georeference, RasterOptions
+from .crs import CrsError, crs_to_wire
+from .tiles import TileWindow
 
 # Qgis.DataType name -> numpy dtype (Int8 only exists from QGIS 3.30).
 _DTYPES = {"Byte": np.uint8, "Int8": np.int8, "UInt16": np.uint16, "Int16": np.int16,
            "UInt32": np.uint32, "Int32": np.int32, "Float32": np.float32, "Float64": np.float64}
 _NUMPY_DTYPES = {int(getattr(Qgis.DataType, name)): np.dtype(dtype)
                  for name, dtype in _DTYPES.items() if hasattr(Qgis.DataType, name)}
-_WIRE_AUTHORITIES = ("EPSG", "ESRI", "IGNF", "OGC", "IAU_2015")
 
 
 class RasterWindowError(Exception):
@@ -50,97 +50,41 @@ def numpy_dtype(data_type) -> np.dtype | None:
     return _NUMPY_DTYPES.get(int(data_type))
 
 
-def crs_to_wire(crs: QgsCoordinateReferenceSystem) -> str:
-    """The CRS as the backend accepts it: an authority code PROJ knows, else WKT2."""
-    authid = crs.authid()
-    if authid and authid.split(":", 1)[0].upper() in _WIRE_AUTHORITIES:
-        return authid
-    wkt = crs.toWkt(QgsCoordinateReferenceSystem.WktVariant.WKT_PREFERRED)
-    if not wkt:
-        raise RasterWindowError(f"the raster CRS {crs.description() or authid!r} has no "
-                                f"definition the backend can read")
-    return wkt
-
-
 @dataclass(frozen=True)
 class RasterGrid:
     """The native pixel grid of a raster layer: north-up, ``width x height`` pixels.
 
     Attributes:
-        crs: the layer CRS.
-        x0, y0: map coordinates of the top-left corner of pixel (0, 0).
-        dx: pixel width (> 0); dy: pixel height, negative for north-up (GDAL convention).
-        width, height: raster size in pixels.
+        window: the whole raster as a window of its grid (``col0 = row0 = 0``, CRS as sent to
+            the backend); every window read from the raster is one of its subwindows.
         native: the geotransform is the dataset's own (read through GDAL, bit-exact), not
             derived from the layer extent -- which is what QGIS gives for rasters it warps
             (rotated grids) or that GDAL cannot open directly.
     """
 
-    crs: QgsCoordinateReferenceSystem
-    x0: float
-    dx: float
-    y0: float
-    dy: float
-    width: int
-    height: int
+    window: TileWindow
     native: bool = False
 
     @property
     def geotransform(self) -> tuple[float, float, float, float, float, float]:
-        return (self.x0, self.dx, 0.0, self.y0, 0.0, self.dy)
+        return self.window.geotransform
 
-    def to_pixel(self, x: float, y: float) -> tuple[float, float]:
-        """Continuous (col, row) of a map point; pixel (i, j) covers [i, i+1) x [j, j+1)."""
-        return (x - self.x0) / self.dx, (y - self.y0) / self.dy
 
-    def contains(self, x: float, y: float) -> bool:
-        """Whether a map point lies on the raster (edges included, as the backend checks)."""
-        col, row = self.to_pixel(x, y)
-        return 0.0 <= col <= self.width and 0.0 <= row <= self.height
+@dataclass(frozen=True)
+class RasterTile:
+    """Pixels of one window and how to tell the backend where they are.
 
-    def window_extent(self, col0: int, row0: int, width: int, height: int) -> QgsRectangle:
-        """Map extent of a pixel window, computed as GDAL computes a window's corners."""
-        xa, xb = self.x0 + col0 * self.dx, self.x0 + (col0 + width) * self.dx
-        ya, yb = self.y0 + row0 * self.dy, self.y0 + (row0 + height) * self.dy
-        return QgsRectangle(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
+    Attributes:
+        pixels: ``H x W x C`` array (band-last), the layer's own values.
+        georeference: CRS and exact GDAL geotransform of the window.
+        raster: nodata handling for the backend.
+        window: the window read, on the raster's grid (layer CRS).
+    """
 
-    def window_around(self, x: float, y: float, tile_px: int) -> tuple[int, int, int, int]:
-        """``(col0, row0, width, height)`` of a ``tile_px`` window centred on a map point,
-        shifted to lie inside the raster (smaller where the raster is smaller).
-
-        Raises:
-            RasterWindowError: the point is not on the raster.
-        """
-        if tile_px < 1:
-            raise RasterWindowError(f"the tile size must be at least 1 pixel, got {tile_px}")
-        if not self.contains(x, y):
-            raise RasterWindowError(f"point ({x}, {y}) is outside the raster")
-        col, row = self.to_pixel(x, y)
-        width, height = min(tile_px, self.width), min(tile_px, self.height)
-        col0 = min(max(int(math.floor(col - width / 2.0 + 0.5)), 0), self.width - width)
-        row0 = min(max(int(math.floor(row - height / 2.0 + 0.5)), 0), self.height - height)
-        return col0, row0, width, height
-
-    def windows_over(self, extent: QgsRectangle | None,
-                     tile_px: int) -> list[tuple[int, int, int, int]]:
-        """``(col0, row0, width, height)`` tiles of at most ``tile_px`` covering ``extent``
-        (map units, layer CRS; None = the whole raster), clipped to the raster, row by row.
-        Empty when the extent misses the raster."""
-        if tile_px < 1:
-            raise RasterWindowError(f"the tile size must be at least 1 pixel, got {tile_px}")
-        c0, c1, r0, r1 = 0, self.width, 0, self.height
-        if extent is not None and not extent.isNull():
-            ca, ra = self.to_pixel(extent.xMinimum(), extent.yMaximum())
-            cb, rb = self.to_pixel(extent.xMaximum(), extent.yMinimum())
-            c0 = max(0, int(math.floor(min(ca, cb))))
-            c1 = min(self.width, int(math.ceil(max(ca, cb))))
-            r0 = max(0, int(math.floor(min(ra, rb))))
-            r1 = min(self.height, int(math.ceil(max(ra, rb))))
-        windows = []
-        for row in range(r0, r1, tile_px):
-            for col in range(c0, c1, tile_px):
-                windows.append((col, row, min(tile_px, c1 - col), min(tile_px, r1 - row)))
-        return windows
+    pixels: np.ndarray
+    georeference: Georeference
+    raster: RasterOptions
+    window: TileWindow
 
 
 def _gdal_geotransform(provider: QgsRasterDataProvider, width: int, height: int):
@@ -191,42 +135,13 @@ def raster_grid(layer: QgsRasterLayer,
     if gt is None:
         gt = (extent.xMinimum(), extent.width() / width, 0.0,
               extent.yMaximum(), 0.0, -extent.height() / height)
-    return RasterGrid(crs=layer.crs(), x0=gt[0], dx=gt[1], y0=gt[3], dy=gt[5],
-                      width=width, height=height, native=native)
-
-
-@dataclass
-class RasterWindow:
-    """Pixels of one window and how to tell the backend where they are.
-
-    Attributes:
-        pixels: ``H x W x C`` array (band-last), the layer's own values.
-        georeference: CRS and exact GDAL geotransform of the window.
-        raster: nodata handling for the backend.
-        col0, row0: offset of the window in the raster, pixels.
-        extent: map extent of the window, layer CRS.
-    """
-
-    pixels: np.ndarray
-    georeference: Georeference
-    raster: RasterOptions
-    col0: int
-    row0: int
-    extent: QgsRectangle
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
-
-    def contains(self, x: float, y: float) -> bool:
-        """Whether a map point (layer CRS) lies on the window (edges included)."""
-        x0, dx, _, y0, _, dy = self.georeference.geotransform
-        col, row = (x - x0) / dx, (y - y0) / dy
-        return 0.0 <= col <= self.width and 0.0 <= row <= self.height
+    try:
+        crs = crs_to_wire(layer.crs())
+    except CrsError as exc:
+        raise RasterWindowError(f"raster layer {layer.name()!r}: {exc}") from exc
+    window = TileWindow(crs, gt[0], gt[3], gt[1], width, height,
+                        pixel_height=None if gt[5] == -gt[1] else -gt[5])
+    return RasterGrid(window, native=native)
 
 
 def _in_ranges(values: np.ndarray, ranges: list[QgsRasterRange]) -> np.ndarray:
@@ -284,14 +199,15 @@ def _checked_bands(bands: list[int] | None, band_count: int, name: str) -> list[
     return [int(band) for band in bands]
 
 
-def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, width: int,
-                height: int, provider: QgsRasterDataProvider | None = None,
-                feedback=None, bands: list[int] | None = None) -> RasterWindow:
-    """Read pixels ``[col0, col0+width) x [row0, row0+height)`` of ``bands``, unresampled.
+def read_window(layer: QgsRasterLayer, grid: RasterGrid, window: TileWindow,
+                provider: QgsRasterDataProvider | None = None,
+                feedback=None, bands: list[int] | None = None) -> RasterTile:
+    """Read the pixels of ``window`` (a window of ``grid``) in ``bands``, unresampled.
 
     Args:
         layer: the raster layer (name and CRS).
         grid: its grid, from :func:`raster_grid`.
+        window: which pixels, e.g. ``grid.window.subwindow(col0, row0, width, height)``.
         provider: the provider to read from; by default a fresh clone of the layer's
             (pass one clone for many reads off the GUI thread).
         feedback: optional QgsRasterBlockFeedback, passed to the provider (cancels a long
@@ -302,16 +218,21 @@ def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, w
         RasterWindowError: a window off the raster, a band that does not exist, an
             unreadable band or data type.
     """
-    if width < 1 or height < 1 or col0 < 0 or row0 < 0 \
-            or col0 + width > grid.width or row0 + height > grid.height:
+    raster = grid.window
+    col0, row0, width, height = window.col0, window.row0, window.width, window.height
+    if window != raster.subwindow(col0, row0, width, height):
+        raise RasterWindowError(f"window {col0},{row0} {width}x{height} is not on the grid "
+                                f"of raster layer {layer.name()!r}")
+    if width < 1 or height < 1 or col0 < 0 or row0 < 0 or col0 + width > raster.width \
+            or row0 + height > raster.height:
         raise RasterWindowError(f"window {col0},{row0} {width}x{height} is not inside the "
-                                f"{grid.width}x{grid.height} raster")
+                                f"{raster.width}x{raster.height} raster")
     if provider is None:
         provider = layer.dataProvider().clone()
         if provider is None:
             raise RasterWindowError(f"cannot clone the data provider of {layer.name()!r}")
     band_numbers = _checked_bands(bands, provider.bandCount(), layer.name())
-    extent = grid.window_extent(col0, row0, width, height)
+    extent = QgsRectangle(*window.extent)
     planes, invalid_bands, nodata_values = [], [], []
     for band in band_numbers:
         values = _read_band(provider, band, extent, width, height, feedback)
@@ -355,25 +276,26 @@ def read_window(layer: QgsRasterLayer, grid: RasterGrid, col0: int, row0: int, w
                 pixels[:, :, b][invalid] = np.nan
             if source_dtype == np.uint8:
                 options = RasterOptions(stretch="none")
-    x0 = grid.x0 + col0 * grid.dx
-    y0 = grid.y0 + row0 * grid.dy
-    georeference = Georeference(crs_to_wire(grid.crs), (x0, grid.dx, 0.0, y0, 0.0, grid.dy))
-    return RasterWindow(pixels=np.ascontiguousarray(pixels), georeference=georeference,
-                        raster=options, col0=col0, row0=row0, extent=extent)
+    georeference = Georeference(window.crs, window.geotransform)
+    return RasterTile(pixels=np.ascontiguousarray(pixels), georeference=georeference,
+                      raster=options, window=window)
 
 
-def read_window_around(layer: QgsRasterLayer, x: float, y: float, tile_px: int,
+def read_window_around(layer: QgsRasterLayer, x: float, y: float, size_px: int,
                        grid: RasterGrid | None = None,
                        provider: QgsRasterDataProvider | None = None,
-                       feedback=None, bands: list[int] | None = None) -> RasterWindow:
-    """The ``tile_px`` window around map point (x, y) (layer CRS), shifted inside the raster,
-    of ``bands`` (1-based band numbers; None = all bands).
+                       feedback=None, bands: list[int] | None = None) -> RasterTile:
+    """The ``size_px`` window around map point (x, y) (layer CRS), shifted inside the raster
+    (``TileWindow.window_around``), of ``bands`` (1-based band numbers; None = all bands).
 
     Raises:
         RasterWindowError: the point is outside the raster, a band does not exist, or the
             window cannot be read.
     """
     grid = grid or raster_grid(layer, provider)
-    col0, row0, width, height = grid.window_around(x, y, tile_px)
-    return read_window(layer, grid, col0, row0, width, height, provider, feedback,
-                       bands=bands)
+    if size_px < 1:
+        raise RasterWindowError(f"the tile size must be at least 1 pixel, got {size_px}")
+    if not grid.window.contains(x, y):
+        raise RasterWindowError(f"point ({x}, {y}) is outside the raster")
+    return read_window(layer, grid, grid.window.window_around(x, y, size_px), provider,
+                       feedback, bands=bands)

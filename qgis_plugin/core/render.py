@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 from qgis.core import (
-    QgsCoordinateReferenceSystem,
     QgsMapLayer,
     QgsMapRendererCustomPainterJob,
     QgsMapSettings,
@@ -14,6 +13,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
+from .crs import crs_from_wire
 from .tiles import TileWindow
 
 
@@ -26,7 +26,7 @@ def render_window(layer: QgsMapLayer, window: TileWindow) -> np.ndarray:
     """
     settings = QgsMapSettings()
     settings.setLayers([layer])
-    settings.setDestinationCrs(QgsCoordinateReferenceSystem(window.crs))
+    settings.setDestinationCrs(crs_from_wire(window.crs))
     settings.setExtent(QgsRectangle(*window.extent))
     settings.setOutputSize(QSize(window.width, window.height))
     settings.setOutputDpi(96)

@@ -13,7 +13,9 @@ from qgis.core import (
     QgsField,
     QgsFields,
     QgsGeometry,
-    QgsJsonUtils,
+    QgsLineString,
+    QgsMultiPolygon,
+    QgsPolygon,
     QgsProject,
     QgsRectangle,
     QgsVectorFileWriter,
@@ -22,11 +24,14 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-#: Attributes every accepted polygon carries.
-RESULT_FIELDS = (("prompt", QVariant.String), ("task", QVariant.String),
-                 ("engine", QVariant.String), ("model", QVariant.String),
-                 ("score", QVariant.Double), ("source_layer", QVariant.String),
-                 ("created", QVariant.String))
+from .crs import CrsError, crs_from_wire
+
+#: Attributes of every polygon the plugin writes (the backend's provenance plus the source
+#: layer), in the dock's target layers and in Processing outputs.
+RESULT_FIELDS = (("prompt", QVariant.Type.String), ("task", QVariant.Type.String),
+                 ("engine", QVariant.Type.String), ("model", QVariant.Type.String),
+                 ("score", QVariant.Type.Double), ("source_layer", QVariant.Type.String),
+                 ("created", QVariant.Type.String))
 
 
 def result_fields() -> QgsFields:
@@ -37,22 +42,54 @@ def result_fields() -> QgsFields:
 
 
 def collection_crs(collection: dict[str, Any], default: str) -> QgsCoordinateReferenceSystem:
-    """The CRS a FeatureCollection from the backend declares (its ``crs`` member)."""
+    """The CRS a FeatureCollection from the backend declares (its ``crs`` member), else the
+    wire CRS ``default``."""
     name = (collection.get("crs") or {}).get("properties", {}).get("name") or default
-    crs = QgsCoordinateReferenceSystem(name)
-    if not crs.isValid():
-        crs = QgsCoordinateReferenceSystem.fromWkt(name)
-    if not crs.isValid():
-        raise ValueError(f"the backend returned polygons in an unknown CRS: {name[:80]}")
-    return crs
+    try:
+        return crs_from_wire(name)
+    except CrsError as exc:
+        raise ValueError(f"the backend returned polygons in an {exc}") from exc
+
+
+def _ring(coords: list) -> QgsLineString:
+    return QgsLineString([float(c[0]) for c in coords], [float(c[1]) for c in coords])
+
+
+def _polygon(rings: list) -> QgsPolygon | None:
+    if not rings or not rings[0]:
+        return None
+    polygon = QgsPolygon()
+    polygon.setExteriorRing(_ring(rings[0]))
+    for interior in rings[1:]:
+        polygon.addInteriorRing(_ring(interior))
+    return polygon
+
+
+def geojson_polygons(geometry: dict[str, Any] | None) -> list[QgsGeometry]:
+    """QGIS polygons from a GeoJSON Polygon / MultiPolygon, coordinates copied bit for bit
+    (one geometry per part; other geometry types give none)."""
+    if not geometry:
+        return []
+    kind, coords = geometry.get("type"), geometry.get("coordinates") or []
+    parts = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
+    return [QgsGeometry(p) for p in (_polygon(rings) for rings in parts) if p is not None]
+
+
+def geojson_geometry(geometry: dict[str, Any] | None) -> QgsGeometry:
+    """One QGIS geometry (a polygon, or a multipolygon of its parts) from a GeoJSON Polygon
+    / MultiPolygon, coordinates copied bit for bit; empty for anything else."""
+    parts = geojson_polygons(geometry)
+    if len(parts) == 1 and (geometry or {}).get("type") == "Polygon":
+        return parts[0]
+    multi = QgsMultiPolygon()
+    for part in parts:
+        multi.addGeometry(part.constGet().clone())
+    return QgsGeometry(multi)
 
 
 def geometries_from_collection(collection: dict[str, Any]) -> list[QgsGeometry]:
-    """The polygons of a GeoJSON FeatureCollection, coordinates untouched."""
-    features = QgsJsonUtils.stringToFeatureList(json.dumps({"type": "FeatureCollection",
-                                                            "features": collection["features"]}),
-                                                QgsFields())
-    return [f.geometry() for f in features]
+    """The polygons of a GeoJSON FeatureCollection, one per feature, coordinates untouched."""
+    return [geojson_geometry(feature.get("geometry")) for feature in collection["features"]]
 
 
 def merge_tile_results(tiles: list[tuple[dict[str, Any], QgsRectangle | None]]
@@ -60,7 +97,7 @@ def merge_tile_results(tiles: list[tuple[dict[str, Any], QgsRectangle | None]]
     """One FeatureCollection from per-tile FeatureCollections in one CRS.
 
     Each tile's polygons are clipped to its core (None: the whole tile is its core; see
-    ``tiles.tiles_and_cores_over_extent``), then polygons of different tiles that share an
+    ``tiles.tile_windows``), then polygons of different tiles that share an
     edge across a seam are dissolved, so an object cut by tile edges becomes one polygon.
     Cores meet exactly, so no tolerance is needed. A merged polygon keeps the properties of
     its largest piece, with the ``score`` weighted by the pieces' areas.
@@ -140,7 +177,7 @@ def _dissolve(group: list[_Piece]) -> list[dict[str, Any]]:
     union = QgsGeometry.unaryUnion([piece.geometry for piece in group])
     out = []
     for part in union.asGeometryCollection():
-        if QgsWkbTypes.geometryType(part.wkbType()) != QgsWkbTypes.PolygonGeometry:
+        if QgsWkbTypes.geometryType(part.wkbType()) != QgsWkbTypes.GeometryType.PolygonGeometry:
             continue  # a clip can leave a line where a polygon touched a cut line
         shares = [(part.intersection(p.geometry).area(), p.properties) for p in group
                   if p.box.intersects(part.boundingBox())]
@@ -156,27 +193,39 @@ def _dissolve(group: list[_Piece]) -> list[dict[str, Any]]:
 
 
 def to_layer_features(collection: dict[str, Any], source_crs: QgsCoordinateReferenceSystem,
-                      layer: QgsVectorLayer, source_layer_name: str) -> list[QgsFeature]:
-    """Features for ``layer``: geometry transformed from ``source_crs`` to the layer's CRS,
-    promoted to multipolygon when the layer wants it, attributes filled by field name."""
-    transform = QgsCoordinateTransform(source_crs, layer.crs(), QgsProject.instance())
-    wants_multi = QgsWkbTypes.isMultiType(layer.wkbType())
+                      fields: QgsFields, source_layer_name: str,
+                      target_crs: QgsCoordinateReferenceSystem | None = None,
+                      multi: bool = True, defaults: dict[str, Any] | None = None
+                      ) -> list[QgsFeature]:
+    """Features for a layer or sink with ``fields``, from a FeatureCollection of the backend.
+
+    Geometries are the GeoJSON coordinates bit for bit, transformed from ``source_crs`` to
+    ``target_crs`` when one is given. ``multi``: one multipolygon feature per GeoJSON feature
+    (for multipolygon layers); else one polygon feature per part. Attributes are filled by
+    field name from the feature's properties over ``defaults`` (e.g. the reply's ``engine``,
+    ``model`` and ``score``), with ``source_layer``; missing ones stay NULL.
+    """
+    transform = (QgsCoordinateTransform(source_crs, target_crs, QgsProject.instance())
+                 if target_crs is not None and target_crs != source_crs else None)
     out = []
-    for geometry, feature in zip(geometries_from_collection(collection),
-                                 collection["features"]):
-        geometry = QgsGeometry(geometry)
-        if geometry.transform(transform) != 0:
-            raise ValueError("a polygon could not be transformed into the target layer's CRS")
-        if wants_multi and not geometry.isMultipart():
-            geometry.convertToMultiType()
-        qgs_feature = QgsFeature(layer.fields())
-        qgs_feature.setGeometry(geometry)
-        properties = dict(feature.get("properties") or {}, source_layer=source_layer_name)
-        for name, value in properties.items():
-            index = layer.fields().indexFromName(name)
-            if index >= 0:
-                qgs_feature.setAttribute(index, value)
-        out.append(qgs_feature)
+    for feature in collection.get("features") or []:
+        properties = {**(defaults or {}), **(feature.get("properties") or {}),
+                      "source_layer": source_layer_name}
+        parts = geojson_polygons(feature.get("geometry"))
+        geometries = [geojson_geometry(feature.get("geometry"))] if multi and parts else parts
+        for geometry in geometries:
+            if transform is not None and geometry.transform(transform) != 0:
+                raise ValueError("a polygon could not be transformed into the target layer's "
+                                 "CRS")
+            if multi and not geometry.isMultipart():
+                geometry.convertToMultiType()
+            qgs_feature = QgsFeature(fields)
+            qgs_feature.setGeometry(geometry)
+            for name, value in properties.items():
+                index = fields.indexFromName(name)
+                if index >= 0 and value is not None:
+                    qgs_feature.setAttribute(index, value)
+            out.append(qgs_feature)
     return out
 
 

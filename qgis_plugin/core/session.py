@@ -1,7 +1,7 @@
 """The prompt being built for one object: points, a box, and the tile they live on.
 
-Pure Python (no Qt): the map tool feeds it canvas events already transformed to the tile CRS,
-the controller reads prompts out of it.
+Pure Python (no Qt): the controller feeds it clicks already transformed to the tile CRS and
+reads prompts out of it (``core.interaction`` decides when).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..unigeoseg_protocol.params import Prompt
 from .tiles import TileWindow
 
 
@@ -78,12 +79,7 @@ class PromptSession:
         self.window = window
         self.image_id = None
 
-    def prompt_wire(self) -> dict[str, Any]:
-        """The protocol ``prompt`` for an interactive segment request (tile CRS coordinates)."""
-        prompt: dict[str, Any] = {"task": "interactive", "object_key": self.object_key}
-        if self.points:
-            prompt["points"] = [list(p) for p in self.points]
-            prompt["labels"] = list(self.labels)
-        if self.box is not None:
-            prompt["box"] = list(self.box)
-        return prompt
+    def prompt(self) -> Prompt:
+        """The interactive prompt of a ``segment`` request (window CRS coordinates)."""
+        return Prompt(points=tuple(self.points), labels=tuple(self.labels), box=self.box,
+                      task="interactive", object_key=self.object_key)

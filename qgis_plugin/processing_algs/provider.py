@@ -1,7 +1,8 @@
 """The UniGeoSeg Processing provider: segmentation algorithms usable from the toolbox, the
 graphical modeler, batch mode and ``processing.run("unigeoseg:…")``.
 
-Loading it needs only QGIS: pyzmq is imported when an algorithm runs (see segment_points.py).
+Loading it needs only QGIS: pyzmq is imported when an algorithm runs (see
+backend_session.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
-from .segment_points import SegmentByPointsAlgorithm, tr
+from .base import tr
+from .segment_points import SegmentByPointsAlgorithm
 from .segment_text import SegmentByTextAlgorithm
 
 _HERE = Path(__file__).resolve().parent

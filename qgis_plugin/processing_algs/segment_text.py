@@ -4,8 +4,10 @@ It needs the backend's text engine (``unigeoseg``, a model given to ``serve --mo
 backend without one says so in its ``hello`` (``engines.unigeoseg.available`` false, with a
 reason), and this algorithm stops with that reason before reading any pixel.
 
-Each tile is segmented on its own; the tiles abut on the raster grid, and at the end polygons
-cut by tile edges are merged back into one (``core.results.merge_tile_results``).
+The extent is cut into overlapping tiles on the raster's grid, as the panel and the CLI cut
+theirs (``core.tiles.tile_windows``): each tile is segmented on its own, its polygons are
+clipped to its core, and at the end polygons cut by the cores' edges are merged back into one
+(``core.results.merge_tile_results``).
 """
 
 from __future__ import annotations
@@ -17,23 +19,17 @@ from qgis.core import (
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterString,
+    QgsRectangle,
 )
 
-from ..core.raster_window import RasterWindowError, read_window
+from ..core.raster_window import RasterWindowError
 from ..core.results import merge_tile_results
 from ..core.settings import PluginSettings
-from ..unigeoseg_protocol.errors import RemoteError
+from ..core.tiles import TileWindow, tile_windows
 from ..unigeoseg_protocol.params import MAX_TEXT_CHARS, Prompt, SegmentOptions
-from .segment_points import (
-    SKIPPABLE_CODES,
-    Cancelled,
-    UniGeoSegAlgorithm,
-    features_from_result,
-    remote_error_message,
-    tr,
-)
-
-TASKS = ("referring", "reasoning")
+from ..unigeoseg_protocol.vocabulary import TEXT_TASKS
+from .backend_session import Cancelled
+from .base import UniGeoSegAlgorithm, tr
 
 
 class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
@@ -54,12 +50,13 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
             "Segments what a text instruction describes (\"the warehouse with the blue roof "
             "next to the rail yard\") with the UniGeoSeg text engine of a running backend.\n\n"
             "Task: 'referring' (the instruction names the objects) or 'reasoning' (it needs "
-            "reasoning to find them). The extent (default: the whole raster) is cut into tiles "
-            "of 'Tile size' pixels at the raster's native resolution, clipped to the raster; "
-            "each tile is segmented on its own and polygons cut by tile edges are merged back "
-            "into one. Polygons are written in the raster's CRS.\n\n"
-            "The text engine is not part of the current backend version: the algorithm then "
-            "stops with the backend's explanation. Use 'Segment by points' meanwhile.")
+            "reasoning to find them). The extent (default: the whole raster) is cut into "
+            "overlapping tiles of 'Tile size' pixels at the raster's native resolution, clipped "
+            "to the raster; each tile is segmented on its own, and polygons of neighbouring "
+            "tiles are merged where they meet. Polygons are written in the raster's CRS.\n\n"
+            "The backend needs the UniGeoSeg text engine: start it with a model, "
+            "`unigeoseg serve --model PATH`. A backend without one is reported with its reason "
+            "before any pixel is read.")
 
     def createInstance(self) -> SegmentByTextAlgorithm:
         return SegmentByTextAlgorithm()
@@ -70,7 +67,7 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
         self.addParameter(QgsProcessingParameterString(
             self.PROMPT, tr("Instruction"), multiLine=True))
         self.addParameter(QgsProcessingParameterEnum(
-            self.TASK, tr("Task"), options=list(TASKS), defaultValue=0))
+            self.TASK, tr("Task"), options=list(TEXT_TASKS), defaultValue=0))
         self.addParameter(QgsProcessingParameterExtent(
             self.EXTENT, tr("Extent (default: the whole raster)"), optional=True))
         self.add_backend_parameters(settings)
@@ -84,7 +81,7 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
         if len(text) > MAX_TEXT_CHARS:
             raise QgsProcessingException(f"The instruction is longer than {MAX_TEXT_CHARS} "
                                          f"characters.")
-        task = TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
+        task = TEXT_TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
         tile_px = self.parameterAsInt(parameters, self.TILE_SIZE, context)
         extent = self.parameterAsExtent(parameters, self.EXTENT, context, self._crs)
         if extent is None or extent.isNull():
@@ -104,48 +101,42 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
                 reason = engine.get("reason") or "the backend does not offer it"
                 raise QgsProcessingException(
                     f"The UniGeoSeg text engine is not available in the backend at "
-                    f"{session.address} yet ({reason.rstrip('.')}). Text prompts need a "
-                    f"backend with the text engine; use 'Segment by points' meanwhile.")
-            windows = self._grid.windows_over(extent, tile_px)
-            if not windows:
+                    f"{session.address} ({reason.rstrip('.')}). Text prompts need a backend "
+                    f"started with a text model: `unigeoseg serve --model PATH`.")
+            area = (self._grid.window if extent is None else self._grid.window.covering(
+                extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()))
+            if area is None:
                 raise QgsProcessingException("The extent does not overlap the raster.")
+            tiles = tile_windows(area, tile_px)
             sink, dest_id, fields = self.open_sink(parameters, context)
             prompt = Prompt(text=text, task=task)
-            feedback.pushInfo(f"{len(windows)} tile(s) of at most {tile_px} px")
+            feedback.pushInfo(f"{len(tiles)} overlapping tile(s) of at most {tile_px} px")
             tile_results = []
-            for index, (col0, row0, width, height) in enumerate(windows):
+            for index, tile in enumerate(tiles):
                 if feedback.isCanceled():
                     break
                 try:
-                    result = self._segment_tile(session, parameters, prompt, options,
-                                                (col0, row0, width, height), feedback)
+                    result = self._segment_tile(session, prompt, options, tile.window,
+                                                feedback)
                 except Cancelled:
                     break
                 if result is not None:
-                    tile_results.append((result["features"], None))
-                feedback.setProgress(100.0 * (index + 1) / len(windows))
-        # The tiles abut on the raster grid: objects cut by a tile edge are merged back.
+                    tile_results.append((result["features"], QgsRectangle(*tile.core.extent)))
+                feedback.setProgress(100.0 * (index + 1) / len(tiles))
+        # Polygons are clipped to their tile's core, and objects cut by a core's edge merged.
         merged = merge_tile_results(tile_results)
-        features = features_from_result({"features": merged}, fields, self._layer_name)
-        self.write(sink, features, parameters)
+        written = self.write_result(sink, fields, {"features": merged}, parameters)
         if feedback.isCanceled():
             feedback.pushInfo("Cancelled: the output holds the polygons of the tiles done")
-        feedback.pushInfo(f"{len(features)} polygon(s) written")
+        feedback.pushInfo(f"{written} polygon(s) written")
         return {self.OUTPUT: dest_id}
 
-    def _segment_tile(self, session, parameters, prompt, options, tile, feedback):
+    def _segment_tile(self, session, prompt, options, window: TileWindow, feedback):
         """Segment one tile: the backend's result, or None when the tile is skipped."""
-        col0, row0, width, height = tile
+        where = f"Tile at pixel ({window.col0}, {window.row0})"
         try:
-            window = read_window(self._layer, self._grid, col0, row0, width, height,
-                                 provider=self._provider, feedback=feedback)
+            tile = self.read(window, feedback)
         except RasterWindowError as exc:
-            feedback.reportError(f"Tile at pixel ({col0}, {row0}): {exc}; skipped", False)
+            feedback.reportError(f"{where}: {exc}; skipped", False)
             return None
-        try:
-            return session.segment(window, prompt, options)
-        except RemoteError as exc:
-            if str(exc.code) in SKIPPABLE_CODES:
-                feedback.pushInfo(f"Tile at pixel ({col0}, {row0}): {exc.message}; skipped")
-                return None
-            raise QgsProcessingException(remote_error_message(exc, session.address)) from exc
+        return self.segment_or_skip(session, tile, prompt, options, where, feedback)

@@ -204,7 +204,7 @@ def test_accepted_polygons_land_on_the_raster_grid(plugin, raster, qgis_iface, q
     canvas_pixel = to_raster.transform(one).distance(to_raster.transform(two))
     x, y = session.points[0]
     assert math.hypot(x - clicked.x(), y - clicked.y()) <= 1.5 * canvas_pixel
-    image_id, prompt = session.image_id, Prompt.from_wire(session.prompt_wire())
+    image_id, prompt = session.image_id, session.prompt()
     assert session.window.crs == raster_crs  # a file raster is read on its own grid
 
     _key(plugin, Qt.Key.Key_Return)
@@ -247,7 +247,7 @@ def test_a_text_prompt_gives_polygons_merged_across_tiles_on_the_render_grid(
         plugin_on, text_backend, raster, qgis_iface, qtbot, tmp_path):
     plugin = plugin_on(text_backend.address)
     # The offscreen canvas renders about 100 x 100 px: small tiles give several seams.
-    plugin.settings.tile_px = 80
+    plugin.settings.tile_size_px = 80
     canvas = qgis_iface.mapCanvas()
     target = _prepare(plugin, canvas, raster, tmp_path, UTM, UTM)
     extent, resolution = canvas.mapSettings().visibleExtent(), canvas.mapUnitsPerPixel()
@@ -255,7 +255,7 @@ def test_a_text_prompt_gives_polygons_merged_across_tiles_on_the_render_grid(
     dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("referring"))
     dock.text_edit.setText("the yellow roof")
     dock.text_edit.returnPressed.emit()
-    run = plugin.controller._text_run
+    run = plugin.controller.interaction.text_run
     assert run is not None and run.pending > 1
     qtbot.waitUntil(lambda: run.pending == 0, timeout=120000)
     pieces = sum(len(collection["features"]) for collection, _ in run.tiles)

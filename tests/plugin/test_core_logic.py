@@ -1,10 +1,16 @@
-"""The plugin's pure logic: tile windows and prompt sessions (no QGIS objects needed)."""
+"""The plugin's pure logic: tile windows and prompt sessions (no QGIS needed: these run in
+the plain test suite)."""
 
 from __future__ import annotations
 
 import pytest
 from qgis_plugin.core.session import PromptSession
-from qgis_plugin.core.tiles import TileWindow, tiles_over_extent, window_around, window_on_grid
+from qgis_plugin.core.tiles import TileWindow, extent_window, tile_windows, window_around
+
+
+def window_on_grid(crs, x, y, grid_x0, grid_y0, pixel_size, tile_px, bounds_px):
+    """The window around (x, y) of a raster grid of ``bounds_px`` (width, height) pixels."""
+    return TileWindow(crs, grid_x0, grid_y0, pixel_size, *bounds_px).window_around(x, y, tile_px)
 
 
 def test_window_geometry_is_consistent():
@@ -44,7 +50,8 @@ def test_rendered_windows_do_not_depend_on_where_in_a_pixel_the_click_fell():
 
 
 def test_tiles_cover_the_extent_with_overlap():
-    windows = tiles_over_extent("EPSG:3857", (0.0, 0.0, 2500.0, 1200.0), 1.0, 1024, 64)
+    windows = [tile.window for tile in tile_windows(
+        extent_window("EPSG:3857", (0.0, 0.0, 2500.0, 1200.0), 1.0), 1024, 64)]
     covered_x = max(w.x0 + w.width for w in windows)
     covered_y = min(w.y0 - w.height for w in windows)
     assert covered_x >= 2500.0 and covered_y <= 0.0
@@ -60,7 +67,7 @@ def test_session_prompts_undo_and_object_keys():
     session.add_point(1.0, -1.0, 1)
     session.add_point(2.0, -2.0, 0)
     key = session.object_key
-    wire = session.prompt_wire()
+    wire = session.prompt().to_wire()
     assert wire["points"] == [[1.0, -1.0], [2.0, -2.0]] and wire["labels"] == [1, 0]
     assert wire["object_key"] == key and wire["task"] == "interactive"
     assert session.undo()
@@ -74,9 +81,8 @@ def test_session_prompts_undo_and_object_keys():
 
 
 def test_tile_cores_partition_the_extent_and_meet_exactly():
-    from qgis_plugin.core.tiles import tiles_and_cores_over_extent
-
-    tiles = tiles_and_cores_over_extent("EPSG:3857", (10.0, 20.0, 2510.3, 1220.0), 0.3, 1024, 64)
+    tiles = [(tile.window, tile.core.extent) for tile in tile_windows(
+        extent_window("EPSG:3857", (10.0, 20.0, 2510.3, 1220.0), 0.3), 1024, 64)]
     total = 0.0
     for window, (xmin, ymin, xmax, ymax) in tiles:
         wx0, wy0, wx1, wy1 = window.extent
@@ -91,5 +97,3 @@ def test_tile_cores_partition_the_extent_and_meet_exactly():
     assert len(xs) == len({round(x, 6) for x in xs}) == columns + 1
     assert len(ys) == len({round(y, 6) for y in ys}) == rows + 1
     assert total == pytest.approx((xs[-1] - xs[0]) * (ys[-1] - ys[0]), rel=1e-12)
-    assert [w for w, _ in tiles] == tiles_over_extent("EPSG:3857", (10.0, 20.0, 2510.3, 1220.0),
-                                                      0.3, 1024, 64)
