@@ -523,3 +523,61 @@ def test_ctrl_z_is_taken_from_qgis_only_when_there_is_something_of_ours_to_undo(
     assert claimed(Qt.Key.Key_Return, Qt.KeyboardModifier.NoModifier)
     _click(plugin, canvas, raster, 170.5, 120.5)
     assert claimed(Qt.Key.Key_Z, ctrl)              # a point to take back: ours
+
+
+@pytest.fixture
+def user_crs():
+    """A CRS the analyst defined in QGIS (``USER:...``, which only this profile knows)."""
+    from qgis.core import QgsApplication
+
+    definition = QgsCoordinateReferenceSystem.fromProj(
+        "+proj=tmerc +lat_0=37 +lon_0=15.2 +k=0.9996 +x_0=250000 +y_0=0 +ellps=WGS84 "
+        "+units=m +no_defs")
+    registry = QgsApplication.coordinateReferenceSystemRegistry()
+    QgsApplication.createDatabase()  # the profile's qgis.db, where user CRSs are kept
+    crs_id = registry.addUserCrs(definition, "UniGeoSeg test CRS")
+    assert crs_id > 0
+    crs = QgsCoordinateReferenceSystem(f"USER:{crs_id}")
+    assert crs.isValid() and crs.authid().startswith("USER:")
+    yield crs
+    registry.removeUserCrs(crs_id)
+
+
+def test_a_raster_in_a_user_defined_crs_is_segmented_end_to_end(plugin, user_crs, qgis_iface,
+                                                               qtbot, tmp_path):
+    """Its CRS travels as WKT (a USER: code means nothing to the backend), for a file raster
+    read on its own grid and for the same raster rendered on the canvas grid."""
+    from tests.qgis.test_processing import _write_geotiff
+
+    rng = np.random.default_rng(0)
+    data = (rng.random((3, 300, 360)) * 60).astype(np.uint8)
+    data[:, 80:160, 120:220] = np.array([230, 220, 40], np.uint8)[:, None, None]
+    x0, y0 = 250000.0, 100000.0
+    path = tmp_path / "user_crs.tif"
+    _write_geotiff(path, data, geotransform=(x0, PIXEL, 0.0, y0, 0.0, -PIXEL),
+                   wkt=user_crs.toWkt(QgsCoordinateReferenceSystem.WktVariant.WKT1_GDAL))
+    raster = QgsRasterLayer(str(path), "user_scene")
+    assert raster.isValid()
+    raster.setCrs(user_crs)
+    QgsProject.instance().addMapLayer(raster)
+    canvas = qgis_iface.mapCanvas()
+    target = _prepare(plugin, canvas, raster, tmp_path, user_crs.authid(), UTM)
+    assert canvas.mapSettings().destinationCrs().authid().startswith("USER:")
+
+    for pixel_size in (0.0, PIXEL):  # the file's own pixels, then the rendered layer
+        plugin.settings.pixel_size_map_units = pixel_size
+        before = target.featureCount()
+        plugin.controller.session.window = None  # a new window for each path
+        _click(plugin, canvas, raster, 170.5, 120.5)
+        qtbot.waitUntil(lambda: plugin.controller.session.result is not None, timeout=30000)
+        window = plugin.controller.session.window
+        assert not window.crs.startswith("USER:")
+        assert QgsCoordinateReferenceSystem.fromWkt(window.crs) == user_crs
+        _key(plugin, Qt.Key.Key_Return)
+        assert target.featureCount() > before
+        # Every vertex, back in the user CRS, lies on the window's pixel grid.
+        vertices = _vertices_in(target, user_crs.authid())
+        cols = (vertices[:, 0] - window.x0) / PIXEL
+        rows = (window.y0 - vertices[:, 1]) / PIXEL
+        np.testing.assert_allclose(cols, np.round(cols), atol=1e-4)
+        np.testing.assert_allclose(rows, np.round(rows), atol=1e-4)

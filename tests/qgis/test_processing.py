@@ -79,7 +79,8 @@ def provider(qgis_processing):
 
 
 def _write_geotiff(path, data: np.ndarray, nodata=None, epsg=32633,
-                   geotransform=(ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL)):
+                   geotransform=(ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL), wkt=None):
+    """A GeoTIFF in EPSG:``epsg``, or in the CRS ``wkt`` defines."""
     from osgeo import gdal, gdal_array, osr
 
     bands, height, width = data.shape
@@ -87,7 +88,10 @@ def _write_geotiff(path, data: np.ndarray, nodata=None, epsg=32633,
         str(path), width, height, bands, gdal_array.NumericTypeCodeToGDALTypeCode(data.dtype))
     ds.SetGeoTransform(geotransform)
     srs = osr.SpatialReference()
-    srs.ImportFromEPSG(epsg)
+    if wkt is None:
+        srs.ImportFromEPSG(epsg)
+    else:
+        srs.ImportFromWkt(wkt)
     ds.SetProjection(srs.ExportToWkt())
     for band in range(bands):
         ds.GetRasterBand(band + 1).WriteArray(data[band])
