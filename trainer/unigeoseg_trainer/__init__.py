@@ -1,5 +1,17 @@
-"""UniGeoSeg training and fine-tuning (multi-task, progressive task scheduling).
+"""UniGeoSeg training and fine-tuning: multi-task batches with progressive task scheduling.
 
-Empty on purpose: training arrives with its own issue, after the model (issue 4). Nothing here
-is imported by the backend.
+Modules (docs/training.md describes the recipe and each block):
+
+- ``config``: the training TOML as frozen dataclasses; errors name the key.
+- ``schedule``: task shares over training progress; warm-up + cosine learning rate.
+- ``sampler``: task-homogeneous batches from a weighted mixture; distributed,
+  deterministic, resumable.
+- ``data``: the mixture from the backend's dataset readers; unreadable samples skipped and
+  logged; letterboxed, tokenised batches.
+- ``augment``: flips that keep image, mask, coordinates and words consistent.
+- ``losses``: point-sampled BCE + Dice on every decoder output, LM cross-entropy.
+- ``checkpointing``: atomic safetensors + JSON checkpoints (no pickle).
+- ``metrics_log``: JSON-lines metrics, TensorBoard if installed, the progress line.
+
+The backend never imports this package.
 """
