@@ -13,6 +13,7 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.crs import CRS as RioCRS
+from tests.backend.geo_helpers import rasterize_polygons
 
 from unigeoseg_backend.errors import (
     BadFrameError,
@@ -26,7 +27,6 @@ from unigeoseg_backend.geo.vectorize import (
     _euler_number_4,
     feature_collection,
     mask_to_polygons,
-    rasterize_polygons,
     reproject_geometries,
 )
 from unigeoseg_protocol.params import Georeference

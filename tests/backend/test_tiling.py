@@ -255,8 +255,9 @@ def _cli(raster, model_dir, out, *extra):
 
 
 def test_whole_raster_cli_matches_stitched_tiles(tmp_path, utm_raster, tiny_model_dir):
+    from tests.backend.geo_helpers import rasterize_polygons
+
     from unigeoseg_backend.geo.grid import TileGrid
-    from unigeoseg_backend.geo.vectorize import rasterize_polygons
 
     out = tmp_path / "out.gpkg"
     assert _cli(utm_raster, tiny_model_dir, out) == 0

@@ -87,8 +87,8 @@ class TileGrid:
 
     def to_georeference(self) -> Georeference:
         """The protocol form of this grid's CRS and transform (size not included)."""
-        return Georeference(crs=crs_to_text(self.crs),
-                            geotransform=tuple(float(v) for v in self.transform.to_gdal()))
+        c, a, b, f, d, e = (float(v) for v in self.transform.to_gdal())
+        return Georeference(crs=crs_to_text(self.crs), geotransform=(c, a, b, f, d, e))
 
     @property
     def shape(self) -> tuple[int, int]:

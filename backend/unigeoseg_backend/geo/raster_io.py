@@ -64,7 +64,8 @@ def prompt_window(dataset: rasterio.DatasetReader, points_px: np.ndarray | None,
         extents.append((points_px[:, 0].min(), points_px[:, 1].min(),
                         points_px[:, 0].max(), points_px[:, 1].max()))
     if box_px is not None:
-        extents.append(tuple(box_px))
+        col_min, row_min, col_max, row_max = (float(v) for v in box_px)
+        extents.append((col_min, row_min, col_max, row_max))
     if not extents:
         raise InvalidInputError("a window needs at least one point or a box")
     c0 = min(e[0] for e in extents)

@@ -31,6 +31,7 @@ from pyproj import CRS
 
 from ..errors import CRSError, InvalidInputError
 from .crs import crs_to_text, parse_crs, same_crs
+from .vectorize import per_feature
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +106,7 @@ def _fields(properties: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None,
             n: int) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """Attribute names, columns and null masks for ``n`` features. Names are the union of the
     dicts' keys in first-seen order; a key a dict lacks is null there."""
-    if properties is None or isinstance(properties, Mapping):
-        props = [dict(properties or {})] * n
-    else:
-        props = list(properties)
-        if len(props) != n:
-            raise InvalidInputError(f"{len(props)} property dicts for {n} geometries")
+    props = per_feature(properties, n)
     names: dict[str, None] = {}
     for p in props:
         if not isinstance(p, Mapping):

@@ -23,7 +23,7 @@ from shapely.geometry.polygon import orient
 
 from ..errors import BadFrameError, CRSError, InvalidInputError
 from .crs import crs_to_text, same_crs, transformer
-from .grid import TileGrid, apply_affine
+from .grid import apply_affine
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +346,22 @@ def _polygon_coords(poly: shapely.Polygon) -> list:
     return [np.asarray(r.coords)[:, :2].tolist() for r in (poly.exterior, *poly.interiors)]
 
 
+def per_feature(properties: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None,
+                n: int) -> list[Mapping[str, Any]]:
+    """One attribute mapping per feature of ``n``: a list as given (its length checked), one
+    mapping shared by all, or None for no attributes.
+
+    Raises:
+        InvalidInputError: a list whose length is not ``n``.
+    """
+    if properties is None or isinstance(properties, Mapping):
+        return [dict(properties or {})] * n
+    props = list(properties)
+    if len(props) != n:
+        raise InvalidInputError(f"{len(props)} property dicts for {n} geometries")
+    return props
+
+
 def feature_collection(geoms: Sequence[shapely.Geometry],
                        properties: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None,
                        crs: CRS) -> dict[str, Any]:
@@ -366,13 +382,7 @@ def feature_collection(geoms: Sequence[shapely.Geometry],
         InvalidInputError: a properties list of the wrong length, or non-finite coordinates.
     """
     geoms = list(geoms)
-    if properties is None or isinstance(properties, Mapping):
-        props_list = [dict(properties or {})] * len(geoms)
-    else:
-        props_list = list(properties)
-        if len(props_list) != len(geoms):
-            raise InvalidInputError(f"{len(props_list)} property dicts for {len(geoms)} "
-                                    f"geometries")
+    props_list = per_feature(properties, len(geoms))
     if geoms and not np.isfinite(shapely.get_coordinates(np.asarray(geoms, dtype=object))).all():
         raise InvalidInputError("geometries have non-finite coordinates")
     features = [{"type": "Feature", "geometry": g,
@@ -381,17 +391,3 @@ def feature_collection(geoms: Sequence[shapely.Geometry],
     return {"type": "FeatureCollection",
             "crs": {"type": "name", "properties": {"name": crs_to_text(crs)}},
             "features": features}
-
-
-# -- polygons -> mask ------------------------------------------------------------------------
-
-def rasterize_polygons(geoms: Iterable[shapely.Geometry], grid: TileGrid) -> np.ndarray:
-    """``grid.height x grid.width`` bool mask of the pixels whose centre lies in a geometry
-    (GDAL's default rule, the inverse of :func:`mask_to_polygons`). ``geoms`` are in the grid
-    CRS."""
-    shapes = [(g, 1) for g in geoms if g is not None and not g.is_empty]
-    if not shapes:
-        return np.zeros(grid.shape, dtype=bool)
-    burned = rasterio.features.rasterize(shapes, out_shape=grid.shape, transform=grid.transform,
-                                         fill=0, dtype=np.uint8, all_touched=False)
-    return burned.astype(bool)
