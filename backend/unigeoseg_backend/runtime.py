@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -12,8 +11,6 @@ from .engines.sam import SamEngine
 from .engines.unigeoseg_engine import UniGeoSegEngine
 from .errors import EngineUnavailableError, InvalidInputError
 from .segmenter import EngineOffer, EngineRegistry
-
-logger = logging.getLogger(__name__)
 
 #: Every engine the backend knows, in the order ``hello`` lists them. A new engine is a module
 #: with an ``engines.base.Engine`` subclass and one line here.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -40,8 +39,6 @@ from .geo.crs import parse_crs
 from .geo.grid import TileGrid
 from .geo.pixels import to_rgb8
 from .geo.vectorize import feature_collection, mask_to_polygons, reproject_geometries
-
-logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
 

@@ -11,7 +11,6 @@ raster's centre. ``--text --whole-raster`` tiles the whole raster (cli/predict_r
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,6 @@ from shapely.geometry import shape
 from unigeoseg_protocol.params import Prompt, SegmentOptions
 
 from ..errors import CRSError, InvalidInputError
-
-logger = logging.getLogger(__name__)
 
 
 def _point(text: str) -> tuple[float, float, int]:

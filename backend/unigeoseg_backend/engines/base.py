@@ -57,10 +57,6 @@ class TilePrompt:
     def n_foreground(self) -> int:
         return 0 if self.labels is None else int(np.count_nonzero(np.asarray(self.labels) == 1))
 
-    @property
-    def n_background(self) -> int:
-        return 0 if self.labels is None else int(np.count_nonzero(np.asarray(self.labels) != 1))
-
 
 @dataclass
 class Prediction:

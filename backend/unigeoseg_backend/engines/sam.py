@@ -8,7 +8,6 @@ of exactly the same code.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,8 +18,6 @@ import torch
 
 from ..errors import EngineUnavailableError, WeightsError
 from .base import Capabilities, Engine, EngineSettings, Prediction, TilePrompt
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ the polygons back on the same grid (pixel-centre rule) reproduces the mask.
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -24,9 +23,6 @@ from shapely.geometry.polygon import orient
 from ..errors import BadFrameError, CRSError, InvalidInputError
 from .crs import crs_to_text, same_crs, transformer
 from .grid import apply_affine
-
-logger = logging.getLogger(__name__)
-
 
 # -- mask -> polygons ------------------------------------------------------------------------
 
