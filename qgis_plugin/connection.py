@@ -37,22 +37,24 @@ from .unigeoseg_protocol import (
     ProtocolError,
     decode_message,
     encode_message,
-    is_final,
     request_header,
 )
-from .unigeoseg_protocol.client import CurveClientKeys
+from .unigeoseg_protocol.curve import CurveClientKeys
+from .unigeoseg_protocol.errors import ErrorCode
+from .unigeoseg_protocol.operations import (
+    CancelRequest,
+    HelloRequest,
+    Reply,
+    Request,
+    read_reply,
+)
 
 ReplyCallback = Callable[[Message], None]
+#: ``on_error(code, text)``: ``code`` is an ``ErrorCode`` value (a newer backend's unknown
+#: code as it came); this side raises CLOSED, CANCELLED, TIMEOUT, BACKEND_LOST, SEND_FAILED
+#: and INVALID_ARGUMENT.
 ErrorCallback = Callable[[str, str], None]
 ProgressCallback = Callable[[int, int, str], None]
-
-#: Error codes produced by this side (the backend's own codes are in docs/protocol.md).
-CLOSED = "closed"                #: close() was called, or the connection was never opened
-CANCELLED = "cancelled"          #: cancel() was called
-TIMEOUT = "timeout"              #: no final reply before the request's deadline
-BACKEND_LOST = "backend_lost"    #: the backend stopped answering or closed the connection
-SEND_FAILED = "send_failed"      #: the message could not be queued without blocking
-INVALID_ARGUMENT = "invalid_argument"  #: params/arrays could not be encoded
 
 _TICK_MS = 200
 _MAX_MESSAGES_PER_DRAIN = 64
@@ -123,7 +125,7 @@ class BackendConnection(QObject):
         self._probes: dict[str, float] = {}      # heartbeat id -> time sent
         self._awaiting_since: float | None = None  # first probe sent since we last heard
         self._last_probe = 0.0
-        self._deferred: list[tuple[_Request, str, str]] = []  # failures to report soon
+        self._deferred: list[tuple[_Request, ErrorCode | str, str]] = []  # to report soon
 
         self._timer = QTimer(self)
         self._timer.setInterval(max(20, min(_TICK_MS, int(self._heartbeat_s * 250))))
@@ -179,7 +181,7 @@ class BackendConnection(QObject):
         self._pending.clear()
         self._flush_deferred()
         for request in pending:
-            _call(request.on_error, CLOSED,
+            _call(request.on_error, str(ErrorCode.CLOSED),
                   f"the connection to the backend at {self._address} was closed before the "
                   f"{request.op} request was answered")
 
@@ -195,20 +197,21 @@ class BackendConnection(QObject):
         here and sent to the backend as ``timeout_ms``; on expiry the backend is told to
         cancel and ``on_error("timeout", ...)`` is called.
 
-        Error codes from this side: ``closed``, ``cancelled``, ``timeout``, ``backend_lost``
-        (also when the request is made while the backend is known to be unreachable),
-        ``send_failed``, ``invalid_argument``; otherwise the backend's ``error.code``.
+        Error codes from this side (``ErrorCode`` values): ``closed``, ``cancelled``,
+        ``timeout``, ``backend_lost`` (also when the request is made while the backend is known
+        to be unreachable), ``send_failed``, ``invalid_argument``; otherwise the backend's
+        ``error.code``.
         """
         request_id = uuid.uuid4().hex
         now = time.monotonic()
         request = _Request(request_id, op, None if timeout_s is None else now + timeout_s,
                            timeout_s, on_reply, on_error, on_progress)
         if self._state == _CLOSED or self._socket is None:
-            self._fail_soon(request, CLOSED, f"the connection to the backend at "
-                                             f"{self._address} is not open")
+            self._fail_soon(request, ErrorCode.CLOSED, f"the connection to the backend at "
+                                                       f"{self._address} is not open")
             return request_id
         if self._state == _LOST:
-            self._fail_soon(request, BACKEND_LOST,
+            self._fail_soon(request, ErrorCode.BACKEND_LOST,
                             f"the backend at {self._address} is not answering; the {op} "
                             f"request was not sent (start the backend, or check its address)")
             return request_id
@@ -216,21 +219,41 @@ class BackendConnection(QObject):
         try:
             frames = encode_message(request_header(op, request_id, params, timeout_ms), arrays)
         except ProtocolError as exc:
-            self._fail_soon(request, str(exc.code), exc.message)
+            self._fail_soon(request, exc.code, exc.message)
             return request_id
         except (TypeError, ValueError) as exc:
-            self._fail_soon(request, INVALID_ARGUMENT,
+            self._fail_soon(request, ErrorCode.INVALID_ARGUMENT,
                             f"the {op} request cannot be encoded: {exc}")
             return request_id
         error = self._send(frames)
         if error is not None:
-            self._fail_soon(request, SEND_FAILED,
+            self._fail_soon(request, ErrorCode.SEND_FAILED,
                             f"could not send the {op} request to the backend at "
                             f"{self._address}: {error}")
             return request_id
         self._pending[request_id] = request
         self._soon.start()  # drain soon: a send can swallow the socket's read edge
         return request_id
+
+    def call(self, request: Request, timeout_s: float | None = 120.0,
+             on_reply: Callable[[Any], None] | None = None,
+             on_error: ErrorCallback | None = None,
+             on_progress: ProgressCallback | None = None) -> str:
+        """:meth:`request` for a typed request of the protocol (``SetImageRequest``,
+        ``SegmentRequest``, ...): ``on_reply`` receives its typed reply
+        (``request.parse_reply``); a reply that does not parse goes to ``on_error``."""
+
+        def typed(message: Message) -> None:
+            try:
+                reply = request.parse_reply(message)
+            except ProtocolError as exc:
+                _call(on_error, str(exc.code), exc.message)
+                return
+            _call(on_reply, reply)
+
+        params, arrays = request.to_wire()
+        return self.request(request.OP, params, arrays, timeout_s, on_reply=typed,
+                            on_error=on_error, on_progress=on_progress)
 
     def cancel(self, request_id: str) -> bool:
         """Fail ``request_id`` now with ``cancelled`` and ask the backend to drop it.
@@ -241,8 +264,9 @@ class BackendConnection(QObject):
         request = self._pending.pop(request_id, None)
         if request is None:
             return False
-        self._send_control("cancel", {"target": request_id})
-        _call(request.on_error, CANCELLED, f"the {request.op} request was cancelled")
+        self._send_control(CancelRequest(request_id))
+        _call(request.on_error, str(ErrorCode.CANCELLED),
+              f"the {request.op} request was cancelled")
         return True
 
     def pending_count(self) -> int:
@@ -312,10 +336,11 @@ class BackendConnection(QObject):
             return str(exc)
         return None
 
-    def _send_control(self, op: str, params: Mapping[str, Any] | None = None) -> str | None:
+    def _send_control(self, control: CancelRequest | HelloRequest) -> str | None:
         """Fire-and-forget request (cancel, heartbeat): its reply is matched by id or ignored."""
         request_id = uuid.uuid4().hex
-        frames = encode_message(request_header(op, request_id, params,
+        params, _ = control.to_wire()
+        frames = encode_message(request_header(control.OP, request_id, params,
                                                int(_CONTROL_TIMEOUT_S * 1000)))
         if self._send(frames) is not None:
             return None
@@ -323,7 +348,7 @@ class BackendConnection(QObject):
         return request_id
 
     def _send_probe(self, now: float) -> None:
-        probe_id = self._send_control("hello")
+        probe_id = self._send_control(HelloRequest())
         self._last_probe = now
         if self._awaiting_since is None:
             self._awaiting_since = now
@@ -415,44 +440,36 @@ class BackendConnection(QObject):
                      f"{exc.message}")
             return
         self._heard()
-        header = message.header
-        request_id = header.get("id")
+        reply = read_reply(message)
+        request_id = reply.request_id
         if request_id in self._probes:
             del self._probes[request_id]
-            self._on_hello(message)
+            self._on_hello(reply)
             return
         request = self._pending.get(request_id) if request_id else None
         if request is None:
-            if request_id is None:
-                error = header.get("error") or {}
+            if request_id is None and reply.error is not None:
                 warn(f"the backend at {self._address} refused a message: "
-                     f"{error.get('code')}: {error.get('message')}")
+                     f"{reply.error.code}: {reply.error.message}")
             return  # late reply to a cancelled / timed-out request, or a control reply
-        if not is_final(header):
-            if header.get("event") == "progress":
-                _call(request.on_progress, _int(header.get("done")), _int(header.get("total")),
-                      str(header.get("message", "")))
+        if reply.progress is not None:
+            _call(request.on_progress, *reply.progress)
             return
         del self._pending[request_id]
-        if header.get("ok"):
-            _call(request.on_reply, message)
+        if reply.error is not None:
+            _call(request.on_error, str(reply.error.code), reply.error.message)
         else:
-            error = header.get("error") or {}
-            _call(request.on_error, str(error.get("code", "internal")),
-                  str(error.get("message", "the backend reported an error")))
+            _call(request.on_reply, message)
 
     def _heard(self) -> None:
         self._awaiting_since = None
 
-    def _on_hello(self, message: Message) -> None:
-        header = message.header
-        if not header.get("ok"):
-            error = header.get("error") or {}
+    def _on_hello(self, reply: Reply) -> None:
+        if reply.error is not None:
             warn(f"the backend at {self._address} answered hello with "
-                 f"{error.get('code')}: {error.get('message')}")
+                 f"{reply.error.code}: {reply.error.message}")
             return
-        result = header.get("result")
-        self._hello = dict(result) if isinstance(result, dict) else {}
+        self._hello = dict(reply.result)
         if self._state in (_CONNECTING, _LOST):
             self._state = _CONNECTED
             log(f"connected to the backend at {self._address} (version "
@@ -467,8 +484,8 @@ class BackendConnection(QObject):
         for request in expired:
             if self._pending.pop(request.id, None) is None:
                 continue  # answered by an earlier callback in this loop
-            self._send_control("cancel", {"target": request.id})
-            _call(request.on_error, TIMEOUT,
+            self._send_control(CancelRequest(request.id))
+            _call(request.on_error, str(ErrorCode.TIMEOUT),
                   f"no reply from the backend at {self._address} to the {request.op} request "
                   f"within {request.timeout_s:g} s")
 
@@ -503,23 +520,16 @@ class BackendConnection(QObject):
         self._send_probe(time.monotonic())
         self.disconnected.emit(reason)
         for request in pending:
-            _call(request.on_error, BACKEND_LOST,
+            _call(request.on_error, str(ErrorCode.BACKEND_LOST),
                   f"{reason}; the {request.op} request was abandoned")
 
     # ------------------------------------------------------------------ deferred failures
 
-    def _fail_soon(self, request: _Request, code: str, message: str) -> None:
+    def _fail_soon(self, request: _Request, code: ErrorCode | str, message: str) -> None:
         self._deferred.append((request, code, message))
         self._soon.start()
 
     def _flush_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
         for request, code, message in deferred:
-            _call(request.on_error, code, message)
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
+            _call(request.on_error, str(code), message)

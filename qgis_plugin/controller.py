@@ -40,6 +40,12 @@ from .core.render import render_window
 from .core.settings import PluginSettings
 from .core.tiles import TileWindow, extent_window, tile_windows, window_around
 from .tasks import BackendRequestTask, submit
+from .unigeoseg_protocol.operations import (
+    SegmentReply,
+    SegmentRequest,
+    SetImageReply,
+    SetImageRequest,
+)
 from .unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
 
 
@@ -188,15 +194,14 @@ class SegmentationController(QObject):
                               extent.yMaximum()), self.canvas.mapUnitsPerPixel())
         tiles = tile_windows(area, self.settings.tile_size_px)
         run = self.interaction.start_text_run(len(tiles))
-        prompt = Prompt(text=text, task=task).to_wire()
-        options = self._options("unigeoseg").to_wire()
+        prompt, options = Prompt(text=text, task=task), self._options("unigeoseg")
         for index, tile in enumerate(tiles, start=1):
-            pixels = render_window(self.source_layer, tile.window)
+            request = SegmentRequest(prompt, options,
+                                     pixels=render_window(self.source_layer, tile.window),
+                                     georeference=self._georeference(tile.window))
             submit(BackendRequestTask(
-                f"UniGeoSeg: '{text[:40]}' tile {index}/{len(tiles)}", self.connection,
-                "segment", {"georeference": self._georeference(tile.window).to_wire(),
-                            "prompt": prompt, "options": options},
-                {"pixels": pixels}, self.settings.request_timeout_s,
+                f"UniGeoSeg: '{text[:40]}' tile {index}/{len(tiles)}", self.connection, request,
+                self.settings.request_timeout_s,
                 functools.partial(self._on_text_reply, run, QgsRectangle(*tile.core.extent)),
                 functools.partial(self._on_text_error, run)))
 
@@ -249,12 +254,11 @@ class SegmentationController(QObject):
     def _upload(self, window: TileWindow, pixels, raster: RasterOptions) -> None:
         self._set_busy(True)
 
-        def on_reply(message) -> None:
-            result = message.header["result"]
+        def on_reply(reply: SetImageReply) -> None:
             if self.session.window is window:
-                log(f"tile {window.width}x{window.height} ready ({result['embedding']})")
+                log(f"tile {window.width}x{window.height} ready ({reply.embedding})")
                 self._set_busy(False)
-            if self.interaction.image_ready(window, result["image_id"]):
+            if self.interaction.image_ready(window, reply.image_id):
                 self._segment()
 
         def on_error(code: str, text: str) -> None:
@@ -264,9 +268,8 @@ class SegmentationController(QObject):
         # Encoding can take seconds on a CPU: show it in the task bar, where it can be cancelled.
         submit(BackendRequestTask(
             f"UniGeoSeg: encoding a {window.width} x {window.height} tile", self.connection,
-            "set_image", {"georeference": self._georeference(window).to_wire(),
-                          "raster": raster.to_wire(), "engine": "sam"},
-            {"pixels": pixels}, self.settings.request_timeout_s, on_reply, on_error))
+            SetImageRequest(pixels, self._georeference(window), raster, engine="sam"),
+            self.settings.request_timeout_s, on_reply, on_error))
 
     def _segment(self) -> None:
         """Ask for the mask of the current prompts, unless it must wait (coalescing)."""
@@ -274,17 +277,16 @@ class SegmentationController(QObject):
             return
         self._set_busy(True)
         object_key = self.session.object_key
-        self.interaction.segment_sent(self.connection.request(
-            "segment", {"image_id": self.session.image_id,
-                        "prompt": self.session.prompt().to_wire(),
-                        "options": self._options("sam").to_wire()},
+        self.interaction.segment_sent(self.connection.call(
+            SegmentRequest(self.session.prompt(), self._options("sam"),
+                           image_id=self.session.image_id),
             timeout_s=self.settings.request_timeout_s,
-            on_reply=lambda message: self._on_segment_reply(message, object_key),
+            on_reply=lambda reply: self._on_segment_reply(reply, object_key),
             on_error=self._on_segment_error))
 
-    def _on_segment_reply(self, message, object_key: str) -> None:
+    def _on_segment_reply(self, reply: SegmentReply, object_key: str) -> None:
         self._set_busy(False)
-        collection = message.header["result"]["features"]
+        collection = reply.features
         if self.interaction.segment_answered(object_key, collection):
             for feature in collection["features"]:
                 feature["properties"]["source_layer"] = self.source_layer.name()
@@ -296,11 +298,11 @@ class SegmentationController(QObject):
         self.interaction.segment_failed(code)
         self._on_error(code, text)
 
-    def _on_text_reply(self, run: TextRun, core: QgsRectangle, message) -> None:
+    def _on_text_reply(self, run: TextRun, core: QgsRectangle, reply: SegmentReply) -> None:
         """Tiles answer one by one: their polygons show as they come (same CRS, the
         canvas's); once every tile has answered they are clipped to the tiles' cores and
         merged across the seams (``results.merge_tile_results``)."""
-        if self.interaction.text_tile_done(run, message.header["result"]["features"], core,
+        if self.interaction.text_tile_done(run, reply.features, core,
                                            results.merge_tile_results):
             self._refresh_overlays()
 

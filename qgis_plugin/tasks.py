@@ -13,6 +13,8 @@ from typing import Any
 
 from qgis.core import QgsApplication, QgsTask
 
+from .unigeoseg_protocol.operations import Request
+
 #: Tasks alive in the task manager (QGIS does not keep a Python reference to them).
 _LIVE: set[BackendRequestTask] = set()
 
@@ -20,24 +22,23 @@ _LIVE: set[BackendRequestTask] = set()
 class BackendRequestTask(QgsTask):
     """One backend request shown as a cancellable QGIS task.
 
-    Callbacks run on the GUI thread, exactly one of ``on_reply`` / ``on_error``; cancelling
-    from the task bar cancels the request on the backend and reports ``cancelled``.
+    Callbacks run on the GUI thread, exactly one of ``on_reply`` (with the typed reply) /
+    ``on_error``; cancelling from the task bar cancels the request on the backend and reports
+    ``cancelled``.
     """
 
-    def __init__(self, description: str, connection, op: str, params: dict[str, Any],
-                 arrays: dict[str, Any] | None, timeout_s: float,
-                 on_reply: Callable, on_error: Callable[[str, str], None]):
+    def __init__(self, description: str, connection, request: Request, timeout_s: float,
+                 on_reply: Callable[[Any], None], on_error: Callable[[str, str], None]):
         super().__init__(description, QgsTask.Flag.CanCancel)
         self._connection = connection
         self._on_reply, self._on_error = on_reply, on_error
         self._answered = threading.Event()
-        self.request_id = connection.request(op, params, arrays, timeout_s,
-                                             on_reply=self._reply, on_error=self._error,
-                                             on_progress=self._progress)
+        self.request_id = connection.call(request, timeout_s, on_reply=self._reply,
+                                          on_error=self._error, on_progress=self._progress)
 
-    def _reply(self, message) -> None:
+    def _reply(self, reply) -> None:
         self._answered.set()
-        self._on_reply(message)
+        self._on_reply(reply)
 
     def _error(self, code: str, text: str) -> None:
         self._answered.set()

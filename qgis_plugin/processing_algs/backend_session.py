@@ -9,13 +9,24 @@ QgsProcessingException that says how to install it.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TypeVar
 
 from qgis.core import QgsProcessingException
 
 from ..core.raster_window import RasterTile
 from ..unigeoseg_protocol.errors import ErrorCode, RemoteError, RequestTimeout
+from ..unigeoseg_protocol.operations import (
+    CancelRequest,
+    HelloReply,
+    HelloRequest,
+    Request,
+    SegmentReply,
+    SegmentRequest,
+    SetImageRequest,
+)
 from ..unigeoseg_protocol.params import Prompt, SegmentOptions
+
+ReplyT = TypeVar("ReplyT")
 
 #: Seconds to wait for the backend's answer to ``hello`` before saying there is none.
 HELLO_TIMEOUT_S = 3.0
@@ -95,13 +106,13 @@ class BackendSession:
 
     def _cancel_on_backend(self, request_id: str) -> None:
         try:
-            self.client.send("cancel", {"target": request_id}, timeout_s=1.0)
+            self.client.send(CancelRequest.OP, *CancelRequest(request_id).to_wire(),
+                             timeout_s=1.0)
         except Exception:  # noqa: BLE001 - best effort: the socket is closed next
             pass
 
-    def request(self, op: str, params: dict[str, Any] | None = None,
-                arrays: dict[str, Any] | None = None, timeout_s: float | None = None):
-        """Send a request and wait for its final reply (a protocol ``Message``).
+    def request(self, request: Request[ReplyT], timeout_s: float | None = None) -> ReplyT:
+        """Send a typed request and wait for its typed reply.
 
         Raises:
             Cancelled: the feedback was cancelled (the backend was told to cancel too).
@@ -109,8 +120,8 @@ class BackendSession:
             RemoteError: the backend answered with an error.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        request_id = self.client.send(op, params, arrays, timeout_s=timeout)
-        grace = GRACE_S if op in ("set_image", "segment") else 0.0
+        request_id = self.client.send(request.OP, *request.to_wire(), timeout_s=timeout)
+        grace = GRACE_S if request.OP in (SetImageRequest.OP, SegmentRequest.OP) else 0.0
         deadline = time.monotonic() + timeout + grace
 
         def on_progress(done: int, total: int, message: str) -> None:
@@ -122,17 +133,20 @@ class BackendSession:
                 raise Cancelled(request_id)
             wait = min(POLL_S, max(deadline - time.monotonic(), 0.0))
             try:
-                return self.client.receive(request_id, timeout_s=wait, on_progress=on_progress)
+                message = self.client.receive(request_id, timeout_s=wait,
+                                              on_progress=on_progress)
             except RequestTimeout:
                 if time.monotonic() >= deadline:
                     self._cancel_on_backend(request_id)
                     raise RequestTimeout(f"no reply from {self.address} within {timeout:.0f} s",
                                          request_id=request_id) from None
+            else:
+                return request.parse_reply(message)
 
-    def hello(self) -> dict[str, Any]:
+    def hello(self) -> HelloReply:
         """The backend's ``hello``; QgsProcessingException when nobody answers."""
         try:
-            return self.request("hello", timeout_s=HELLO_TIMEOUT_S).header["result"]
+            return self.request(HelloRequest(), timeout_s=HELLO_TIMEOUT_S)
         except RequestTimeout as exc:
             raise QgsProcessingException(
                 f"No backend at {self.address}: start it with `unigeoseg serve` (or from the "
@@ -142,21 +156,19 @@ class BackendSession:
             raise QgsProcessingException(remote_error_message(exc, self.address)) from exc
 
     def segment(self, tile: RasterTile, prompt: Prompt,
-                options: SegmentOptions) -> dict[str, Any]:
-        """Segment one raster tile inline (pixels + georeference); returns ``result``.
+                options: SegmentOptions) -> SegmentReply:
+        """Segment one raster tile inline (pixels + georeference).
 
         The backend hashes the pixels, so a tile sent again reuses its cached embedding.
         """
-        params = {"prompt": prompt.to_wire(), "options": options.to_wire(),
-                  "georeference": tile.georeference.to_wire(),
-                  "raster": tile.raster.to_wire()}
         try:
-            reply = self.request("segment", params, {"pixels": tile.pixels})
+            return self.request(SegmentRequest(prompt, options, pixels=tile.pixels,
+                                               georeference=tile.georeference,
+                                               raster=tile.raster))
         except RequestTimeout as exc:
             raise QgsProcessingException(
                 f"The backend at {self.address} did not answer within {self.timeout_s:.0f} s: "
                 f"raise the request timeout in the UniGeoSeg settings, use a smaller tile "
                 f"size, or check that the backend still runs.") from exc
-        return reply.header["result"]
 
 

@@ -33,6 +33,7 @@ from ..core.results import result_fields, to_layer_features
 from ..core.settings import PluginSettings
 from ..core.tiles import TileWindow
 from ..unigeoseg_protocol.errors import RemoteError
+from ..unigeoseg_protocol.operations import SegmentReply
 from ..unigeoseg_protocol.params import Prompt, SegmentOptions
 from .backend_session import (
     SKIPPABLE_CODES,
@@ -164,11 +165,12 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
         return sink, dest_id, fields
 
-    def write_result(self, sink, fields, result: dict[str, Any], parameters) -> int:
-        """Write the polygons of a ``segment`` result (GeoJSON in the raster CRS, the sink's
-        CRS), one feature per polygon part; returns how many."""
-        defaults = {key: result[key] for key in ("engine", "model", "score") if key in result}
-        features = to_layer_features(result["features"], self._crs, fields, self._layer_name,
+    def write_result(self, sink, fields, collection: dict[str, Any], parameters,
+                     defaults: dict[str, Any] | None = None) -> int:
+        """Write the polygons of a FeatureCollection from the backend (raster CRS, the sink's
+        CRS), one feature per polygon part; ``defaults``: attributes the features' own
+        properties lack (the reply's engine, model, score). Returns how many."""
+        features = to_layer_features(collection, self._crs, fields, self._layer_name,
                                      multi=False, defaults=defaults)
         for feature in features:
             if not sink.addFeature(feature, QgsFeatureSink.Flag.FastInsert):
@@ -187,8 +189,8 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
                            feedback=feedback)
 
     def segment_or_skip(self, session: BackendSession, tile: RasterTile, prompt: Prompt,
-                        options: SegmentOptions, what: str, feedback) -> dict[str, Any] | None:
-        """The backend's result for one tile; None (reported) when the backend says the
+                        options: SegmentOptions, what: str, feedback) -> SegmentReply | None:
+        """The backend's reply for one tile; None (reported) when the backend says the
         tile or point alone cannot be segmented; QgsProcessingException for other errors."""
         try:
             return session.segment(tile, prompt, options)

@@ -152,11 +152,12 @@ class SegmentByPointsAlgorithm(UniGeoSegAlgorithm):
                 hello = session.hello()
             except Cancelled:
                 return {}
-            sam = (hello.get("engines") or {}).get("sam") or {}
-            if not sam.get("available", False):
+            sam = hello.engines.get("sam")
+            if sam is None or not sam.available:
+                reason = (sam.reason if sam is not None else None) \
+                    or "its SAM engine is not available"
                 raise QgsProcessingException(
-                    f"The backend at {session.address} cannot segment points: "
-                    f"{sam.get('reason', 'its SAM engine is not available')}")
+                    f"The backend at {session.address} cannot segment points: {reason}")
             sink, dest_id, fields = self.open_sink(parameters, context)
             written = skipped = 0
             for index, (fid, x, y) in enumerate(foreground):
@@ -193,12 +194,14 @@ class SegmentByPointsAlgorithm(UniGeoSegAlgorithm):
         negatives = tuple((bx, by) for bx, by in background if window.contains(bx, by))
         prompt = Prompt(points=((x, y), *negatives), labels=(1,) + (0,) * len(negatives),
                         task="interactive")
-        result = self.segment_or_skip(session, tile, prompt, options, f"Point {fid}", feedback)
-        if result is None:
+        reply = self.segment_or_skip(session, tile, prompt, options, f"Point {fid}", feedback)
+        if reply is None:
             return None
-        written = self.write_result(sink, fields, result, parameters)
+        written = self.write_result(sink, fields, reply.features, parameters,
+                                    {"engine": reply.engine, "model": reply.model,
+                                     "score": reply.score})
         feedback.pushInfo(f"Point {fid}: {written} polygon(s), score "
-                          f"{float(result.get('score', 0.0)):.3f}, {len(negatives)} background "
+                          f"{reply.score:.3f}, {len(negatives)} background "
                           f"point(s), window {window.width}x{window.height} at pixel "
                           f"({window.col0}, {window.row0})")
         return written

@@ -96,9 +96,10 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
                 hello = session.hello()
             except Cancelled:
                 return {}
-            engine = (hello.get("engines") or {}).get("unigeoseg") or {}
-            if not engine.get("available", False):
-                reason = engine.get("reason") or "the backend does not offer it"
+            engine = hello.engines.get("unigeoseg")
+            if engine is None or not engine.available:
+                reason = (engine.reason if engine is not None else None) \
+                    or "the backend does not offer it"
                 raise QgsProcessingException(
                     f"The UniGeoSeg text engine is not available in the backend at "
                     f"{session.address} ({reason.rstrip('.')}). Text prompts need a backend "
@@ -116,23 +117,23 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
                 if feedback.isCanceled():
                     break
                 try:
-                    result = self._segment_tile(session, prompt, options, tile.window,
-                                                feedback)
+                    reply = self._segment_tile(session, prompt, options, tile.window,
+                                               feedback)
                 except Cancelled:
                     break
-                if result is not None:
-                    tile_results.append((result["features"], QgsRectangle(*tile.core.extent)))
+                if reply is not None:
+                    tile_results.append((reply.features, QgsRectangle(*tile.core.extent)))
                 feedback.setProgress(100.0 * (index + 1) / len(tiles))
         # Polygons are clipped to their tile's core, and objects cut by a core's edge merged.
         merged = merge_tile_results(tile_results)
-        written = self.write_result(sink, fields, {"features": merged}, parameters)
+        written = self.write_result(sink, fields, merged, parameters)
         if feedback.isCanceled():
             feedback.pushInfo("Cancelled: the output holds the polygons of the tiles done")
         feedback.pushInfo(f"{written} polygon(s) written")
         return {self.OUTPUT: dest_id}
 
     def _segment_tile(self, session, prompt, options, window: TileWindow, feedback):
-        """Segment one tile: the backend's result, or None when the tile is skipped."""
+        """Segment one tile: the backend's reply, or None when the tile is skipped."""
         where = f"Tile at pixel ({window.col0}, {window.row0})"
         try:
             tile = self.read(window, feedback)
