@@ -10,18 +10,18 @@ the previous logits of engines that take mask feedback.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from unigeoseg_protocol.operations import SegmentReply, SetImageReply
 from unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
 from unigeoseg_protocol.vocabulary import default_engine
 
@@ -76,19 +76,6 @@ class ImageRecord:
     @property
     def nbytes(self) -> int:
         return self.rgb.nbytes + self.valid.nbytes
-
-
-@dataclass
-class SegmentResult:
-    """What ``segment`` returns: GeoJSON in the output CRS, and optionally the tile-grid mask."""
-
-    image_id: str
-    features: dict[str, Any]
-    score: float
-    engine: str
-    model: str
-    mask: np.ndarray | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def image_id_for(pixels: np.ndarray, georeference: Georeference, raster: RasterOptions) -> str:
@@ -227,7 +214,7 @@ class Segmenter:
 
     def set_image(self, pixels: np.ndarray, georeference: Georeference, raster: RasterOptions,
                   engine_name: str = "sam", cancel: CancelToken | None = None,
-                  progress: ProgressCallback | None = None) -> dict[str, Any]:
+                  progress: ProgressCallback | None = None) -> SetImageReply:
         """Register a tile and compute (or reuse) its embedding for ``engine_name``."""
         start = time.perf_counter()
         record = self.add_image(pixels, georeference, raster)
@@ -237,17 +224,18 @@ class Segmenter:
         _, cached = self.embedding(record, engine, cancel)
         if progress:
             progress(1, 1, "embedding cached" if cached else "encoded")
-        return {"image_id": record.image_id, "width": record.grid.width,
-                "height": record.grid.height, "engine": engine.name, "model": engine.model_id,
-                "embedding": "cached" if cached else "computed",
-                "valid_fraction": float(record.valid.mean()),
-                "elapsed_ms": round((time.perf_counter() - start) * 1000, 3)}
+        return SetImageReply(image_id=record.image_id, width=record.grid.width,
+                             height=record.grid.height, engine=engine.name,
+                             model=engine.model_id, embedding="cached" if cached else "computed",
+                             valid_fraction=float(record.valid.mean()),
+                             elapsed_ms=round((time.perf_counter() - start) * 1000, 3))
 
     # ------------------------------------------------------------------ prompts
 
     def segment(self, record: ImageRecord, prompt: Prompt, options: SegmentOptions,
-                cancel: CancelToken | None = None) -> SegmentResult:
-        """Segment ``prompt`` on a registered tile and vectorise the mask."""
+                cancel: CancelToken | None = None) -> SegmentReply:
+        """Segment ``prompt`` on a registered tile and vectorise the mask (the reply the
+        service sends as it is)."""
         timings: dict[str, float] = {}
         engine_name = options.engine or default_engine(prompt.task)
         self.engines.check_task(engine_name, prompt.task)
@@ -257,8 +245,7 @@ class Segmenter:
         object_key = (record.image_id, engine.model_id, prompt.object_key)
         feedback = engine.capabilities.mask_feedback and bool(prompt.object_key)
         if feedback:
-            tile_prompt = dataclasses.replace(tile_prompt,
-                                              mask_input=self._object_masks.get(object_key))
+            tile_prompt = replace(tile_prompt, mask_input=self._object_masks.get(object_key))
 
         tick = time.perf_counter()
         embedding, cached = self.embedding(record, engine, cancel)
@@ -283,10 +270,10 @@ class Segmenter:
         properties = {"score": prediction.score, **provenance(engine, prompt)}
         features = feature_collection(polygons, properties, output_crs)
         timings["polygonize_ms"] = (time.perf_counter() - tick) * 1000
-        return SegmentResult(image_id=record.image_id, features=features, score=prediction.score,
-                             engine=engine.name, model=engine.model_id,
-                             mask=mask.astype(np.uint8) if options.return_mask else None,
-                             timings_ms={k: round(v, 3) for k, v in timings.items()})
+        return SegmentReply(image_id=record.image_id, features=features, score=prediction.score,
+                            engine=engine.name, model=engine.model_id,
+                            mask=mask.astype(np.uint8) if options.return_mask else None,
+                            timings_ms={k: round(v, 3) for k, v in timings.items()})
 
     @staticmethod
     def _tile_prompt(grid: TileGrid, prompt: Prompt, options: SegmentOptions) -> TilePrompt:

@@ -153,9 +153,9 @@ def test_set_image_with_engine_unigeoseg_encodes_with_it(engine):
     counting = CountingEngine(engine)
     segmenter = Segmenter(_registry(counting))
     first = segmenter.set_image(_tile(seed=2), UTM_TILE, _raster(), engine_name="unigeoseg")
-    assert first["engine"] == "unigeoseg" and first["embedding"] == "computed"
-    assert first["model"] == engine.model_id
-    result = segmenter.segment(segmenter.get_image(first["image_id"]),
+    assert first.engine == "unigeoseg" and first.embedding == "computed"
+    assert first.model == engine.model_id
+    result = segmenter.segment(segmenter.get_image(first.image_id),
                                Prompt(text=TEXT, task="referring"),
                                SegmentOptions())  # a text task picks unigeoseg by default
     assert result.timings_ms["encode_ms"] == 0.0

@@ -395,15 +395,11 @@ class Service:
     def _execute(self, job: Job, progress) -> WorkReply:
         request = job.request
         if isinstance(request, SetImageRequest):
-            return SetImageReply.from_result(self.segmenter.set_image(
-                request.pixels, request.georeference, request.raster, request.engine, job.token,
-                progress))
+            return self.segmenter.set_image(request.pixels, request.georeference, request.raster,
+                                            request.engine, job.token, progress)
         if request.image_id is not None:
             record = self.segmenter.get_image(request.image_id)
         else:
             record = self.segmenter.add_image(request.pixels, request.georeference,
                                               request.raster)
-        outcome = self.segmenter.segment(record, request.prompt, request.options, job.token)
-        return SegmentReply(image_id=outcome.image_id, features=outcome.features,
-                            score=outcome.score, engine=outcome.engine, model=outcome.model,
-                            timings_ms=outcome.timings_ms, mask=outcome.mask)
+        return self.segmenter.segment(record, request.prompt, request.options, job.token)
