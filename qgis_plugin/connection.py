@@ -149,10 +149,6 @@ class BackendConnection(QObject):
         return self._state == _CONNECTED
 
     @property
-    def is_open(self) -> bool:
-        return self._state != _CLOSED
-
-    @property
     def hello_info(self) -> dict | None:
         """The last ``hello`` result received (kept after a disconnection), or None."""
         return self._hello

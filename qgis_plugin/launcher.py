@@ -82,11 +82,6 @@ class BackendLauncher(QObject):
         """The bound address announced by the running backend, or None before that."""
         return self._address if self.is_ready else None
 
-    @property
-    def stderr_tail(self) -> list[str]:
-        """The last lines the backend wrote to stderr (readable form)."""
-        return list(self._stderr_tail)
-
     def start(self, python: str, address: str, extra_args: Sequence[str] = (),
               ready_timeout_s: float = 300.0) -> None:
         """Run ``python -m unigeoseg_backend.cli.main serve --address ADDRESS *extra_args``.
