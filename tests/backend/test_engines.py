@@ -38,8 +38,8 @@ class BrightEngine(Engine):
     title = "Bright"
     capabilities = Capabilities(tasks=("referring", "interactive"), box=True, text=True)
 
-    def __init__(self) -> None:
-        self.device = torch.device("cpu")
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)  # only says where it would run
         self.encodes = 0
 
     @classmethod
@@ -157,10 +157,12 @@ def raster(tmp_path):
     return path
 
 
-def test_segment_raster_merges_seams_reports_progress_and_writes_the_output(raster, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # cuda: reading and vectorizing on threads
+def test_segment_raster_merges_seams_reports_progress_and_writes_the_output(raster, tmp_path,
+                                                                            device):
     out = tmp_path / "out.gpkg"
     seen = []
-    summary = segment_raster(raster, Prompt(text="bright"), BrightEngine(), out,
+    summary = segment_raster(raster, Prompt(text="bright"), BrightEngine(device), out,
                              RasterRunOptions(tile=96, overlap=16, batch_size=4),
                              progress=lambda done, total, text: seen.append((done, total)))
     assert summary.polygons == 2 and summary.tiles == seen[-1][1] == seen[-1][0]

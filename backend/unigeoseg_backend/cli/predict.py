@@ -18,6 +18,7 @@ import rasterio
 from shapely.geometry import shape
 
 from unigeoseg_protocol.params import Prompt, SegmentOptions
+from unigeoseg_protocol.vocabulary import TEXT_TASKS
 
 from ..errors import CRSError, InvalidInputError
 
@@ -61,7 +62,7 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="instruction for UniGeoSeg, e.g. 'the warehouse with the blue "
                                   "roof'; one window (see --window), or the whole raster with "
                                   "--whole-raster")
-    p.add_argument("--task", choices=["referring", "reasoning"], default="referring",
+    p.add_argument("--task", choices=TEXT_TASKS, default="referring",
                    help="task of --text (default referring)")
     p.add_argument("--model", metavar="PATH_OR_NAME",
                    help="UniGeoSeg model for --text: a released-layout directory or a name "
