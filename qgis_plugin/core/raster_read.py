@@ -27,10 +27,10 @@ def is_file_raster(layer: QgsRasterLayer) -> bool:
     except RasterWindowError:
         return False
     # A rotated GeoTIFF is warped by QGIS onto a grid that is not the dataset's own (the
-    # grid is then not native); the window's tile is a TileWindow, which has square pixels.
-    _, dx, rot_x, _, rot_y, dy = grid.geotransform
-    return (grid.native and rot_x == 0.0 and rot_y == 0.0 and dx > 0 and dy < 0
-            and abs(dx + dy) <= SQUARE_TOLERANCE * dx)
+    # grid is then not native). Oblong pixels are rendered too: click windows are square in
+    # pixels, and should be square on the ground.
+    window = grid.window
+    return grid.native and abs(window.dx + window.dy) <= SQUARE_TOLERANCE * window.dx
 
 
 def display_bands(layer: QgsRasterLayer) -> list[int]:
