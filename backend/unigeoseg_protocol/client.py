@@ -151,7 +151,13 @@ class Client:
             self._outstanding.discard(request_id)
             self._inbox.pop(request_id, None)
             if reply.error is not None:
-                raise reply.error
+                # No local may keep the exception: frame -> reply -> exception -> traceback ->
+                # frame is a cycle that keeps the caller's frames (an open output file, say)
+                # alive until the garbage collector runs.
+                try:
+                    raise reply.error
+                finally:
+                    del reply
             return message
 
     def _next_message(self, request_id: str, deadline: float) -> Message | None:
@@ -236,3 +242,4 @@ class Client:
         """
         return self.call(SegmentRequest(prompt, options or SegmentOptions(), image_id, pixels,
                                         georeference, raster), timeout_s, on_progress)
+

@@ -121,7 +121,10 @@ def final_result(message: Message) -> dict[str, Any]:
     """
     reply = read_reply(message)
     if reply.error is not None:
-        raise reply.error
+        try:  # no local may keep the exception (see Client.receive)
+            raise reply.error
+        finally:
+            del reply
     if reply.kind != Reply.OK:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "expected a final reply, got a progress event",
                             request_id=reply.request_id)

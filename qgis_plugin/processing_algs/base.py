@@ -197,8 +197,5 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
         except RemoteError as exc:
             if str(exc.code) in SKIPPABLE_CODES:
                 feedback.reportError(f"{what}: {exc.message}; skipped", False)
-                # The traceback's frames hold the output sink (a caller's local): let it go
-                # now, or the output stays open (and unreadable) until a garbage collection.
-                exc.__traceback__ = None
                 return None
             raise QgsProcessingException(remote_error_message(exc, session.address)) from exc
