@@ -237,8 +237,9 @@ class Segmenter:
         """Segment ``prompt`` on a registered tile and vectorise the mask (the reply the
         service sends as it is)."""
         timings: dict[str, float] = {}
-        engine_name = options.engine or default_engine(prompt.task)
-        self.engines.check_task(engine_name, prompt.task)
+        task = str(prompt.task)  # never None: Prompt fills in the default task
+        engine_name = options.engine or default_engine(task)
+        self.engines.check_task(engine_name, task)
         engine = self.engines.get(engine_name)
         output_crs = parse_crs(options.output_crs) if options.output_crs else record.grid.crs
         tile_prompt = self._tile_prompt(record.grid, prompt, options)

@@ -14,6 +14,7 @@ A new engine is a module with an :class:`Engine` subclass (``name``, ``title``,
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ class EngineSettings:
     device: Any  # torch.device; typed loosely so this module imports no torch
     sam_checkpoint: Path | None = None
     sam_type: str = "vit_b"
-    model: str | Path | None = None
+    model: str | os.PathLike[str] | None = None
 
 
 class Engine(ABC):
