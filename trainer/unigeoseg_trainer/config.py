@@ -38,9 +38,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 
 from unigeoseg_backend.datasets import DATASETS, MASK_RULES, parse_task
+from unigeoseg_backend.model.registry import MODEL_CONFIGS
 from unigeoseg_protocol.vocabulary import TASKS
 
 
@@ -61,12 +65,21 @@ class RunConfig:
     checkpoint_every: int = 1000    #: steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3       #: newest checkpoints kept; older ones are deleted
     resume: bool = True             #: continue from output_dir's latest checkpoint if any
+    device: str = "auto"            #: "auto" (CUDA if available), "cpu", "cuda"
+
+
+#: What ``model.freeze`` may name: the groups of ``UniGeoSeg.trainable_parameter_groups``
+#: (``swin`` is the vision tower's usual name).
+FREEZABLE = ("swin", "vision_tower", "connector", "language", "pixel_decoder", "mask_decoder",
+             "heads")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     init: str = ""                  #: released-layout model directory to start from
-    freeze: tuple[str, ...] = ("swin",)      #: top-level modules kept fixed (Swin-B: frozen)
+    architecture: str = ""          #: or a registry configuration, randomly initialised
+    tokenizer: str = ""             #: its tokenizer folder (tiny architectures have their own)
+    freeze: tuple[str, ...] = ("swin",)      #: components kept fixed (Swin-B: frozen)
     gradient_checkpointing: bool = True
     precision: str = "bf16"         #: "bf16" autocast on CUDA, "fp32"; the CPU always runs fp32
 
@@ -140,6 +153,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Periodic validation with the evaluator of ``unigeoseg eval`` (gIoU / cIoU per task)."""
+
+    every: int = 0                  #: steps between validations; 0: never (and none at the end)
+    limit: int = 0                  #: the first N samples of each dataset; 0: all
+    batch_size: int = 8
+    datasets: tuple[DatasetConfig, ...] = ()   #: ``[[validation.datasets]]`` tables
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run: RunConfig
     model: ModelConfig
@@ -151,6 +174,7 @@ class TrainConfig:
     datasets: tuple[DatasetConfig, ...]
     distributed: DistributedConfig
     metrics: MetricsConfig
+    validation: ValidationConfig = ValidationConfig()
 
     def check_world(self, world_size: int) -> None:
         """Raise ConfigError if the batch cannot be split over ``world_size`` processes."""
@@ -191,26 +215,38 @@ def load_config(path: str | Path, *, check_paths: bool = True) -> TrainConfig:
 def parse_config(raw: dict[str, Any], *, base_dir: str | Path = ".",
                  check_paths: bool = True) -> TrainConfig:
     """The checked configuration of an already parsed TOML document (see load_config)."""
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"datasets"})
+    tables = [*_SECTIONS, "datasets", "validation"]
+    unknown = sorted(set(raw) - set(tables))
     if unknown:
-        raise ConfigError(unknown[0], f"unknown section; known: "
-                          f"{', '.join(sorted([*_SECTIONS, 'datasets']))}")
+        raise ConfigError(unknown[0], f"unknown section; known: {', '.join(sorted(tables))}")
     sections = {name: _build(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    base = Path(base_dir)
     entries = raw.get("datasets", [])
     if not isinstance(entries, list) or not entries:
         raise ConfigError("datasets", "give at least one [[datasets]] table")
-    datasets = tuple(_build(DatasetConfig, entry, f"datasets[{i}]")
-                     for i, entry in enumerate(entries))
-    base = Path(base_dir)
-    datasets = tuple(replace(d, root=_relative_to(d.root, base)) if d.root else d
-                     for d in datasets)
+    datasets = _datasets(entries, "datasets", base)
+    validation_table = dict(raw.get("validation", {}))
+    validation_entries = validation_table.pop("datasets", [])
+    if not isinstance(validation_entries, list):
+        raise ConfigError("validation.datasets", "expected [[validation.datasets]] tables")
+    validation = replace(_build(ValidationConfig, validation_table, "validation"),
+                         datasets=_datasets(validation_entries, "validation.datasets", base))
     model = sections["model"]
-    if model.init:
-        model = replace(model, init=_relative_to(model.init, base))
+    model = replace(model, **{key: _relative_to(getattr(model, key), base)
+                              for key in ("init", "tokenizer") if getattr(model, key)})
     run = replace(sections["run"], output_dir=_relative_to(sections["run"].output_dir, base))
-    config = TrainConfig(datasets=datasets, **{**sections, "model": model, "run": run})
+    config = TrainConfig(datasets=datasets, validation=validation,
+                         **{**sections, "model": model, "run": run})
     _check(config, check_paths)
     return config
+
+
+def _datasets(entries: list[Any], where: str, base: Path) -> tuple[DatasetConfig, ...]:
+    """``[[datasets]]`` tables as DatasetConfig, roots relative to ``base``."""
+    datasets = tuple(_build(DatasetConfig, entry, f"{where}[{i}]")
+                     for i, entry in enumerate(entries))
+    return tuple(replace(d, root=_relative_to(d.root, base)) if d.root else d
+                 for d in datasets)
 
 
 def _relative_to(path: str, base: Path) -> str:
@@ -282,7 +318,8 @@ def _check(c: TrainConfig, check_paths: bool) -> None:
     _require(c.run.log_every >= 1, "run.log_every", "must be at least 1")
     _require(c.run.checkpoint_every >= 1, "run.checkpoint_every", "must be at least 1")
     _require(c.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
-    _require(c.model.precision in ("bf16", "fp32"), "model.precision", "use bf16 or fp32")
+    _require(c.run.device in ("auto", "cpu", "cuda"), "run.device", "use auto, cpu or cuda")
+    _check_model(c.model, check_paths)
     _require(c.batch.per_device >= 1, "batch.per_device", "must be at least 1")
     _require(c.batch.accumulation >= 1, "batch.accumulation", "must be at least 1")
     _require(c.batch.num_workers >= 0, "batch.num_workers", "must not be negative")
@@ -313,9 +350,33 @@ def _check(c: TrainConfig, check_paths: bool) -> None:
              "use auto, nccl or gloo")
     for i, d in enumerate(c.datasets):
         _check_dataset(d, f"datasets[{i}]", check_paths)
-    if check_paths and c.model.init:
-        _require(Path(c.model.init).is_dir(), "model.init",
-                 f"{c.model.init} is not a model directory")
+    v = c.validation
+    _require(v.every >= 0, "validation.every", "must not be negative")
+    _require(v.limit >= 0, "validation.limit", "must not be negative")
+    _require(v.batch_size >= 1, "validation.batch_size", "must be at least 1")
+    _require(v.every == 0 or bool(v.datasets), "validation.datasets",
+             "validation.every is set: give at least one [[validation.datasets]] table")
+    for i, d in enumerate(v.datasets):
+        _check_dataset(d, f"validation.datasets[{i}]", check_paths)
+
+
+def _check_model(m: ModelConfig, check_paths: bool) -> None:
+    _require(m.precision in ("bf16", "fp32"), "model.precision", "use bf16 or fp32")
+    _require(not (m.init and m.architecture), "model.architecture",
+             "give model.init (a released-layout folder) or model.architecture, not both")
+    if m.architecture:
+        _require(m.architecture in MODEL_CONFIGS, "model.architecture",
+                 f"unknown {m.architecture!r}; use one of {', '.join(MODEL_CONFIGS)}")
+        _require("tiny" in m.architecture or bool(m.tokenizer), "model.tokenizer",
+                 f"{m.architecture} needs a tokenizer folder")
+    for name in m.freeze:
+        _require(name in FREEZABLE, "model.freeze",
+                 f"unknown component {name!r}; use {', '.join(FREEZABLE)}")
+    if check_paths:
+        for key in ("init", "tokenizer"):
+            path = getattr(m, key)
+            _require(not path or Path(path).is_dir(), f"model.{key}",
+                     f"{path} is not a directory")
 
 
 def _check_tasks(t: TaskScheduleConfig) -> None:

@@ -108,7 +108,10 @@ def read_example(sample: Sample) -> Example:
     Raises:
         SampleReadError: the image or mask cannot be read (the message names the file).
     """
-    return Example(image=sample.read_image(), mask=sample.read_mask(),
+    image = sample.read_image()
+    if not image.flags.writeable:   # torch.from_numpy warns about read-only arrays
+        image = image.copy()
+    return Example(image=image, mask=sample.read_mask(),
                    instruction=sample.instruction, answer=sample.answer)
 
 
@@ -122,6 +125,7 @@ class Batch:
         targets: B x S x S bool ground truth in the same letterbox.
         prompts: one tokenised prompt per image.
         sample_ids: ``<pool key>#<sample id>`` of each image (for logs).
+        places: each sample's place in the global batch (it seeds the sample's random draws).
         flips: the flips applied to each sample.
     """
 
@@ -130,6 +134,7 @@ class Batch:
     targets: torch.Tensor
     prompts: list[TokenizedPrompt]
     sample_ids: list[str]
+    places: list[int]
     flips: list[tuple[str, ...]]
 
     def __len__(self) -> int:
@@ -155,7 +160,7 @@ def load_batch(plan: BatchPlan, mixture: Mixture, tokenizer: Any, augment: Augme
     Returns:
         The batch, or None if every sample of it was unreadable.
     """
-    images, targets, prompts, ids, flips = [], [], [], [], []
+    images, targets, prompts, ids, places, flips = [], [], [], [], [], []
     for place, (key, index) in enumerate(plan.items, start=first_place):
         sample = mixture.sample(key, index)
         try:
@@ -172,8 +177,9 @@ def load_batch(plan: BatchPlan, mixture: Mixture, tokenizer: Any, augment: Augme
         targets.append(torch.from_numpy(letterbox_mask(example.mask, size)))
         prompts.append(prompt)
         ids.append(f"{key}#{sample.sample_id}")
+        places.append(place)
         flips.append(applied)
     if not prompts:
         return None
     return Batch(task=plan.task, images=torch.stack(images), targets=torch.stack(targets),
-                 prompts=prompts, sample_ids=ids, flips=flips)
+                 prompts=prompts, sample_ids=ids, places=places, flips=flips)

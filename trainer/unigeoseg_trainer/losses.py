@@ -53,8 +53,24 @@ def point_sample(inputs: torch.Tensor, point_coords: torch.Tensor) -> torch.Tens
     return F.grid_sample(inputs, grid, align_corners=False).squeeze(3)
 
 
+#: The random source of point sampling: one generator for the batch, or one per sample (the
+#: same sample then gets the same points in whatever batch it is, on whatever process).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def uniform_points(batch: int, count: int, device: torch.device,
+                   generator: Generators = None) -> torch.Tensor:
+    """``batch x count x 2`` uniform points in [0, 1); rows from their own generators if a
+    sequence is given."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(batch, count, 2, device=device, generator=generator)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+    return torch.cat([torch.rand(1, count, 2, device=device, generator=g) for g in generator])
+
+
 def uncertain_point_coords(logits: torch.Tensor, sampling: PointSampling,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+                           generator: Generators = None) -> torch.Tensor:
     """Points where ``logits`` (B x 1 x h x w) are least certain, plus uniform ones: B x P x 2.
 
     Call under ``torch.no_grad()``: the choice of points is not differentiated.
@@ -64,12 +80,12 @@ def uncertain_point_coords(logits: torch.Tensor, sampling: PointSampling,
     num_candidates = int(sampling.num_points * sampling.oversample_ratio)
     num_uncertain = int(sampling.importance_sample_ratio * sampling.num_points)
     num_random = sampling.num_points - num_uncertain
-    candidates = torch.rand(batch, num_candidates, 2, device=device, generator=generator)
+    candidates = uniform_points(batch, num_candidates, device, generator)
     uncertainty = -point_sample(logits, candidates)[:, 0, :].abs()       # B x candidates
     picked = torch.topk(uncertainty, k=num_uncertain, dim=1).indices     # B x uncertain
     coords = torch.gather(candidates, 1, picked.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
-        uniform = torch.rand(batch, num_random, 2, device=device, generator=generator)
+        uniform = uniform_points(batch, num_random, device, generator)
         coords = torch.cat([coords, uniform], dim=1)
     return coords
 
@@ -94,7 +110,7 @@ def dice(point_logits: torch.Tensor, point_labels: torch.Tensor,
 
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor, num_masks: float,
                 sampling: PointSampling, *, point_coords: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bce, dice)`` of one decoder output.
 
     Args:
@@ -103,7 +119,8 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor, num_masks: float,
         num_masks: the normaliser (:func:`mean_mask_count`).
         sampling: the point sampling; ignored when ``point_coords`` is given.
         point_coords: B x P x 2 points to use instead of sampling them.
-        generator: random source of the sampled points (the global one if None).
+        generator: random source of the sampled points (the global one if None), or one
+            generator per sample.
     """
     if logits.dtype in (torch.float16, torch.bfloat16):      # losses in at least fp32
         logits = logits.float()
@@ -163,7 +180,7 @@ class TrainingLoss:
     def __call__(self, mask_logits: Sequence[torch.Tensor], targets: torch.Tensor,
                  num_masks: float, *, lm_logits: torch.Tensor | None = None,
                  lm_labels: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> LossResult:
+                 generator: Generators = None) -> LossResult:
         """Args:
             mask_logits: one B x 1 x h x w tensor per decoder output (the last: prediction).
             targets: B x H x W ground truth.

@@ -32,7 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(sub)
     add_eval_parser(sub)
     add_weights_parser(sub)
+    train = sub.add_parser("train", help="train or fine-tune UniGeoSeg (docs/training.md)")
+    train.add_argument("config", type=Path, help="the training TOML file")
+    train.set_defaults(func=run_train)
     return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    # Imported here: the backend never depends on the trainer package.
+    from unigeoseg_trainer.train import run_from_file
+
+    return run_from_file(args.config)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:

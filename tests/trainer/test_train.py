@@ -1,0 +1,144 @@
+"""The training loop on the tiny model: a run end to end, resume, freezing, config errors
+before any work, a NaN loss stopping the run with the last good checkpoint kept."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from training_runs import (
+    assert_bit_identical,
+    synthetic_chips,
+    tensors,
+    tiny_sections,
+    write_config,
+    write_local_dataset,
+)
+
+from unigeoseg_backend.cli.main import main as cli_main
+from unigeoseg_backend.model.checkpoint import load_released
+from unigeoseg_backend.model.unigeoseg import UNUSED_PARAMETERS
+from unigeoseg_trainer import checkpointing
+from unigeoseg_trainer.config import ConfigError, load_config
+from unigeoseg_trainer.data import ReadFailures
+from unigeoseg_trainer.losses import LossResult
+from unigeoseg_trainer.metrics_log import read_metrics
+from unigeoseg_trainer.train import (
+    CHECKPOINTS,
+    NonFiniteLossError,
+    prepare,
+    run_loop,
+    train,
+    train_step,
+)
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory):
+    return write_local_dataset(tmp_path_factory.mktemp("chips"), *synthetic_chips())
+
+
+def _config(tmp_path, chips, **changes):
+    dataset = {"name": "local", "root": chips, "split": "train"}
+    return write_config(tmp_path / "run.toml", tiny_sections(tmp_path / "out", **changes),
+                        [dataset])
+
+
+def test_a_tiny_run_logs_checkpoints_and_exports_a_loadable_model(tmp_path, chips):
+    config = load_config(_config(tmp_path, chips))
+    exported = train(config)
+    out = tmp_path / "out"
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:
+        assert math.isfinite(record["loss"]) and record["lr"] > 0
+        assert record["task"] == "referring" and record["share/referring"] == 1.0
+        assert record["samples"] == 2 and record["samples_per_s"] >= 0
+    assert records[-1]["loss"] < records[0]["loss"]
+    # keep_checkpoints = 2 of the checkpoints at steps 2, 4, 6
+    assert [p.name for p in checkpointing.list_checkpoints(out / CHECKPOINTS)] == [
+        "step_00000004", "step_00000006"]
+    loaded = load_released(exported)
+    assert loaded.name == "unigeoseg-tiny-sparseconv"
+    final = checkpointing.latest_checkpoint(out / CHECKPOINTS)
+    saved = tensors(final / "model.safetensors")
+    state = loaded.model.state_dict()
+    assert_bit_identical({k: saved[k] for k in state}, {k: v for k, v in state.items()})
+
+
+def test_unigeoseg_train_resumes_from_the_latest_checkpoint(tmp_path, chips, capsys):
+    path = _config(tmp_path, chips, run={"max_steps": 4})
+    assert cli_main(["train", str(path)]) == 0
+    first = read_metrics(tmp_path / "out")
+    path = _config(tmp_path, chips, run={"max_steps": 4})
+    assert cli_main(["train", str(path)]) == 0        # nothing left to do
+    assert read_metrics(tmp_path / "out") == first
+    assert "trained model in" in capsys.readouterr().out
+
+
+def test_swin_and_the_unread_heads_are_frozen_and_swin_stays_in_eval_mode(tmp_path, chips):
+    run = prepare(load_config(_config(tmp_path, chips, model={"freeze": ["swin"]})))
+    trainable = {name for group in run.optimizer.param_groups for name in
+                 [n for n, p in run.model.named_parameters()
+                  if any(p is q for q in group["params"])]}
+    names = dict(run.model.named_parameters())
+    assert not any(n.startswith("model.vision_tower.") for n in trainable)
+    assert not any(n.startswith(UNUSED_PARAMETERS) for n in trainable)
+    assert trainable == {n for n, p in names.items() if p.requires_grad}
+    assert {g["name"] for g in run.optimizer.param_groups} >= {"language", "mask_decoder"}
+    assert not run.model.model.vision_tower.training and run.model.predictor.training
+    train_step(run, ReadFailures())
+    assert all(names[n].grad is None for n in names if n not in trainable)
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"optimm": {"lr": 1.0}}, "optimm"),
+    ({"optim": {"lrr": 1.0}}, "optim.lrr"),
+    ({"batch": {"global_batch": 3}}, "batch.global_batch"),
+    ({"model": {"architecture": "unigeoseg-huge"}}, "model.architecture"),
+])
+def test_config_errors_name_the_key_before_any_work(tmp_path, chips, capsys, changes, key):
+    path = _config(tmp_path, chips, **changes)
+    assert cli_main(["train", str(path)]) == 1
+    assert f"configuration error: {key}:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_dataset_or_an_impossible_batch_is_refused_before_any_work(tmp_path, chips,
+                                                                            capsys):
+    missing = write_config(tmp_path / "missing.toml", tiny_sections(tmp_path / "out"),
+                           [{"name": "local", "root": tmp_path / "nowhere"}])
+    assert cli_main(["train", str(missing)]) == 1
+    assert "datasets[0].root:" in capsys.readouterr().err
+    config = load_config(_config(tmp_path, chips, batch={"global_batch": 2}))
+    with pytest.raises(ConfigError) as info:
+        config.check_world(2)            # 2 per device x 2 processes is not 2
+    assert info.value.key == "batch.global_batch"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, chips):
+    run = prepare(load_config(_config(tmp_path, chips, run={"checkpoint_every": 1})))
+    real_loss = run.loss
+    calls = []
+
+    def poisoned(*args, **kwargs) -> LossResult:
+        result = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:                  # the third step's loss
+            total = result.total * float("nan")
+            return LossResult(total, {**result.terms, "loss": total.detach()})
+        return result
+
+    run.loss = poisoned
+    with pytest.raises(NonFiniteLossError, match="step 2: the loss .* not finite") as info:
+        run_loop(run)
+    good = run.output_dir / CHECKPOINTS / "step_00000002"
+    assert str(good) in str(info.value)
+    assert checkpointing.latest_checkpoint(run.output_dir / CHECKPOINTS) == good
+    saved = tensors(good / "model.safetensors")
+    # the bad step was not applied: the parameters are still those of the checkpoint
+    for name, value in run.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]

@@ -1,0 +1,68 @@
+"""The model a run starts from, and what of it trains.
+
+Starting points (``[model]``):
+
+- ``init = "DIR"``: a released-layout folder (the released model, or one this trainer
+  exported), loaded with the backend's strict loader (every missing, unexpected or
+  mis-shaped tensor is reported by name) in float32: fine-tuning;
+- ``architecture = "NAME"``: a registry configuration with random weights (the tiny ones
+  for tests and CPU runs bring their own tokenizer; others need ``tokenizer = "DIR"``).
+
+A trainer checkpoint is the third starting point: it is picked up from ``run.output_dir``
+(``train.resume``), on top of either of these.
+
+Freezing (``model.freeze``): ``UniGeoSeg.set_trainable`` leaves trainable exactly what the
+released forward reads (the heads it never uses stay frozen, so DDP needs no
+unused-parameter search); the named components are frozen on top (``swin``, the recipe's
+default, is the vision tower).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from unigeoseg_backend.model.checkpoint import clear_cache, load_released
+from unigeoseg_backend.model.prompting import add_special_tokens
+from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
+from unigeoseg_backend.model.unigeoseg import UniGeoSeg
+
+from .config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+#: ``model.freeze`` names -> groups of ``UniGeoSeg.trainable_parameter_groups``.
+_GROUP_OF = {"swin": "vision_tower"}
+
+
+def build_model(config: ModelConfig, device: torch.device) -> tuple[UniGeoSeg, Any]:
+    """The float32 model on ``device`` and its tokenizer; the caller seeds torch first (the
+    random initialisation of ``architecture`` must be the same on every process)."""
+    if config.init:
+        loaded = load_released(config.init, device=device, dtype=torch.float32)
+        clear_cache(config.init)       # the run owns (and changes) this copy
+        logger.info("starting from %s (%s)", config.init, loaded.name)
+        return loaded.model, loaded.tokenizer
+    model = UniGeoSeg(get_config(config.architecture)).to(device)
+    if config.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True)
+        add_special_tokens(tokenizer)
+    else:
+        tokenizer = tiny_tokenizer()
+    logger.info("starting from a random %s", config.architecture)
+    return model, tokenizer
+
+
+def freeze(model: UniGeoSeg, components: Iterable[str]) -> None:
+    """Trainable: what the forward reads, minus ``components`` (``model.freeze`` names)."""
+    groups = {_GROUP_OF.get(name, name) for name in components}
+    model.set_trainable(vision_tower="vision_tower" not in groups)
+    for name, params in model.trainable_parameter_groups().items():
+        if name in groups:
+            for parameter in params.values():
+                parameter.requires_grad_(False)
