@@ -9,7 +9,8 @@ tens of kB at the default size 64) and returns a :class:`FixtureTree`: what to p
 * ``problems``: the ``SampleProblem.where`` of every entry the listing must skip;
 * ``unreadable``: sample id -> file name that ``read_image`` must name in its SampleReadError.
 
-The traps (shared/reference/datasets.md section 8): a non-square image, a mask with a stray
+The traps, each a way real downloads or the official loaders trip a reader (docs/datasets.md
+describes the layouts and the official behaviour): a non-square image, a mask with a stray
 value 128 (and a raw 1), an unparseable point prompt, a task folder named ``interactive``, an
 RRSIS-D JPEG shorter than its RLE, a polygon segmentation, a CRLF phrase line, an EarthReason
 empty target, a ``._`` dot-file, a missing file, a corrupt image.

@@ -1,6 +1,6 @@
 """Dataset readers: every layout on tiny fixture trees (tests/dataset_trees.py) with the traps
-of shared/reference/datasets.md section 8, the COCO RLE decoder, the refs pickle guard and the
-GeoTIFF chip conversion."""
+real downloads and the official loaders hold (listed there; docs/datasets.md describes the
+layouts), the COCO RLE decoder, the refs pickle guard and the GeoTIFF chip conversion."""
 
 from __future__ import annotations
 
