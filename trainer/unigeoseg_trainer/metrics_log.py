@@ -58,6 +58,10 @@ class Throughput:
         self.marks: list[tuple[float, int]] = []   # (time, samples so far)
         self.samples = 0
 
+    def restart(self) -> None:
+        """Start a new window (after time spent outside the steps: validation, saving)."""
+        self.marks.clear()
+
     def update(self, samples: int) -> None:
         self.samples += samples
         self.marks.append((self.clock(), self.samples))

@@ -449,10 +449,12 @@ def run_loop(run: Run) -> Path:
                     logger.info("%s", line)
             if run.step % config.run.checkpoint_every == 0 or run.step == config.run.max_steps:
                 save(run)
+                throughput.restart()
             if run.validator.due(run.step, config.run.max_steps):
                 scores = run.validator.run(run.model, run.tokenizer, run.step)
                 metrics.write(run.step, scores)
                 set_train_mode(run.model)
+                throughput.restart()
     return export(run)
 
 
