@@ -3,10 +3,12 @@ before any work, a NaN loss stopping the run with the last good checkpoint kept.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from dataset_trees import build_local
 from training_runs import (
     assert_bit_identical,
     synthetic_chips,
@@ -142,3 +144,27 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
     for name, value in run.model.state_dict().items():
         assert torch.equal(value, saved[name]), name
     assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
+
+
+def test_a_three_task_mixture_trains_and_the_export_scores_through_unigeoseg_eval(tmp_path):
+    tree = build_local(tmp_path / "data")     # referring, interactive, reasoning; one corrupt
+    dataset = {"name": "local", "root": tree.root, "split": "test"}
+    sections = tiny_sections(tmp_path / "out", run={"max_steps": 8, "checkpoint_every": 8},
+                             tasks={"start": {"interactive": 0.4, "referring": 0.3,
+                                              "reasoning": 0.3}})
+    exported = train(load_config(write_config(tmp_path / "run.toml", sections, [dataset])))
+    records = read_metrics(tmp_path / "out")
+    assert {r["task"] for r in records} == {"interactive", "referring", "reasoning"}
+    # the LM head is in every step; these templates train the response (reason_seg)
+    assert all(r["loss_lm"] > 0 and math.isfinite(r["loss"]) for r in records)
+    # the corrupt chip is skipped, counted, and its batch is one sample short
+    assert records[-1]["skipped_samples"] >= 1
+    assert any(r["samples"] == 1 for r in records if r["task"] == "referring")
+
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--dataset", "local", "--root", str(tree.root), "--model",
+                     str(exported), "--device", "cpu", "--worst", "0", "--no-progress",
+                     "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"referring", "interactive", "reasoning", "overall"} <= set(metrics)
+    assert metrics["overall"]["failed"] == 1          # the corrupt chip
