@@ -33,7 +33,6 @@ from zmq.utils.monitor import recv_monitor_message
 from .core.log import critical, log, warn
 from .unigeoseg_protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    Message,
     ProtocolError,
     decode_message,
     encode_message,
@@ -43,13 +42,16 @@ from .unigeoseg_protocol.curve import CurveClientKeys
 from .unigeoseg_protocol.errors import ErrorCode
 from .unigeoseg_protocol.operations import (
     CancelRequest,
+    HelloReply,
     HelloRequest,
     Reply,
     Request,
     read_reply,
 )
 
-ReplyCallback = Callable[[Message], None]
+#: ``on_reply(reply)``: the final ``ok`` reply as read once by ``read_reply`` (its message's
+#: arrays travel with it); :meth:`BackendConnection.call` parses it into the typed reply.
+ReplyCallback = Callable[[Reply], None]
 #: ``on_error(code, text)``: ``code`` is an ``ErrorCode`` value (a newer backend's unknown
 #: code as it came); this side raises CLOSED, CANCELLED, TIMEOUT, BACKEND_LOST, SEND_FAILED
 #: and INVALID_ARGUMENT.
@@ -95,13 +97,13 @@ class BackendConnection(QObject):
         curve: CURVE keys, for a backend that requires authentication (``core/curve.py``).
 
     Signals:
-        connected(dict): the ``hello`` result, on the first answered heartbeat after
+        connected(HelloReply): the backend's ``hello``, on the first answered heartbeat after
             :meth:`open` and again after every reconnection.
         disconnected(str): a sentence saying why: the backend stopped answering, closed the
             connection, or never answered after :meth:`open`. Not emitted by :meth:`close`.
     """
 
-    connected = pyqtSignal(dict)
+    connected = pyqtSignal(object)  # HelloReply
     disconnected = pyqtSignal(str)
 
     def __init__(self, address: str, heartbeat_s: float = 2.0, parent: QObject | None = None,
@@ -120,7 +122,7 @@ class BackendConnection(QObject):
         self._monitor: zmq.Socket | None = None
         self._monitor_notifier: QSocketNotifier | None = None
         self._state = _CLOSED
-        self._hello: dict | None = None
+        self._hello: HelloReply | None = None
         self._pending: dict[str, _Request] = {}
         self._probes: dict[str, float] = {}      # heartbeat id -> time sent
         self._awaiting_since: float | None = None  # first probe sent since we last heard
@@ -149,8 +151,8 @@ class BackendConnection(QObject):
         return self._state == _CONNECTED
 
     @property
-    def hello_info(self) -> dict | None:
-        """The last ``hello`` result received (kept after a disconnection), or None."""
+    def hello_info(self) -> HelloReply | None:
+        """The last ``hello`` received (kept after a disconnection), or None."""
         return self._hello
 
     def open(self) -> None:
@@ -187,11 +189,11 @@ class BackendConnection(QObject):
                 on_progress: ProgressCallback | None = None) -> str:
         """Send a request without waiting; returns its id.
 
-        Exactly one of ``on_reply(message)`` or ``on_error(code, message)`` is called later,
-        from the event loop (never from inside this call); ``on_progress(done, total, text)``
-        for each progress event before that. ``timeout_s`` (None = no deadline) is enforced
-        here and sent to the backend as ``timeout_ms``; on expiry the backend is told to
-        cancel and ``on_error("timeout", ...)`` is called.
+        Exactly one of ``on_reply(reply)`` (the ``Reply``) or ``on_error(code, message)`` is
+        called later, from the event loop (never from inside this call);
+        ``on_progress(done, total, text)`` for each progress event before that. ``timeout_s``
+        (None = no deadline) is enforced here and sent to the backend as ``timeout_ms``; on
+        expiry the backend is told to cancel and ``on_error("timeout", ...)`` is called.
 
         Error codes from this side (``ErrorCode`` values): ``closed``, ``cancelled``,
         ``timeout``, ``backend_lost`` (also when the request is made while the backend is known
@@ -237,15 +239,16 @@ class BackendConnection(QObject):
              on_progress: ProgressCallback | None = None) -> str:
         """:meth:`request` for a typed request of the protocol (``SetImageRequest``,
         ``SegmentRequest``, ...): ``on_reply`` receives its typed reply
-        (``request.parse_reply``); a reply that does not parse goes to ``on_error``."""
+        (``request.parse_reply`` of the reply already read); a reply that does not parse goes
+        to ``on_error``."""
 
-        def typed(message: Message) -> None:
+        def typed(reply: Reply) -> None:
             try:
-                reply = request.parse_reply(message)
+                typed_reply = request.parse_reply(reply)
             except ProtocolError as exc:
                 _call(on_error, str(exc.code), exc.message)
                 return
-            _call(on_reply, reply)
+            _call(on_reply, typed_reply)
 
         params, arrays = request.to_wire()
         return self.request(request.OP, params, arrays, timeout_s, on_reply=typed,
@@ -455,7 +458,7 @@ class BackendConnection(QObject):
         if reply.error is not None:
             _call(request.on_error, str(reply.error.code), reply.error.message)
         else:
-            _call(request.on_reply, message)
+            _call(request.on_reply, reply)
 
     def _heard(self) -> None:
         self._awaiting_since = None
@@ -465,13 +468,18 @@ class BackendConnection(QObject):
             warn(f"the backend at {self._address} answered hello with "
                  f"{reply.error.code}: {reply.error.message}")
             return
-        self._hello = dict(reply.result)
+        try:
+            hello = HelloRequest().parse_reply(reply)
+        except ProtocolError as exc:
+            warn(f"the backend at {self._address} answered hello with an unreadable reply: "
+                 f"{exc.message}")
+            return
+        self._hello = hello
         if self._state in (_CONNECTING, _LOST):
             self._state = _CONNECTED
             log(f"connected to the backend at {self._address} (version "
-                f"{self._hello.get('backend_version', '?')}, device "
-                f"{self._hello.get('device', '?')})")
-            self.connected.emit(self._hello)
+                f"{hello.backend_version}, device {hello.device})")
+            self.connected.emit(hello)
 
     # ------------------------------------------------------------------ deadlines, liveness
 

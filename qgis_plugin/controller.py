@@ -182,10 +182,12 @@ class SegmentationController(QObject):
         canvas resolution (``tiles.tile_windows``), one ``segment`` request per tile."""
         if not self._ready() or not text.strip():
             return
-        engine = (self.connection.hello_info or {}).get("engines", {}).get("unigeoseg", {})
-        if not engine.get("available"):
+        hello = self.connection.hello_info
+        engine = hello.engine("unigeoseg") if hello is not None else None
+        if engine is None or not engine.available:
+            reason = engine.reason if engine is not None and engine.reason else "not available"
             self.message("text prompts need the UniGeoSeg engine, which this backend does not "
-                         f"offer: {engine.get('reason', 'not available')}",
+                         f"offer: {reason}",
                          Qgis.MessageLevel.Warning)
             return
         extent = self.canvas.mapSettings().visibleExtent()

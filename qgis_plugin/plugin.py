@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qgis.core import Qgis, QgsApplication, QgsTask
 from qgis.PyQt.QtCore import Qt
@@ -17,6 +18,9 @@ from qgis.PyQt.QtWidgets import QAction
 from . import deps
 from .core.log import log
 from .core.settings import PluginSettings
+
+if TYPE_CHECKING:
+    from .unigeoseg_protocol.operations import HelloReply
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 MENU = "&UniGeoSeg"
@@ -295,15 +299,14 @@ class UniGeoSegPlugin:
         self.launcher.start(self.settings.backend_python, self.settings.backend_address,
                             shlex.split(self.settings.backend_args))
 
-    def _on_connected(self, hello: dict) -> None:
-        gpu = hello.get("gpu") or {}
-        engines = [f"{name} ({info.get('model') or 'not loaded'})"
-                   for name, info in hello.get("engines", {}).items() if info.get("available")]
-        device = f"{hello.get('device')}" + (f" ({gpu.get('name')})" if gpu else "")
+    def _on_connected(self, hello: HelloReply) -> None:
+        engines = [f"{name} ({info.model or 'not loaded'})"
+                   for name, info in hello.engines.items() if info.available]
+        device = hello.device + (f" ({hello.gpu.get('name')})" if hello.gpu else "")
         text = (f"Backend: connected to {self.connection.address}<br>engines: "
                 f"{', '.join(engines) or 'none'} · device: {device}")
         self.dock.set_status(text)
-        log(f"connected: {hello}")
+        log(f"connected: {hello.to_result()}")
 
     def _on_disconnected(self, reason: str) -> None:
         if self.dock is not None:

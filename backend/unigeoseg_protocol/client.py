@@ -1,8 +1,8 @@
 """A small blocking client for the backend (DEALER socket), used by the CLI, tests and scripts.
 
 The QGIS plugin's connection drives a non-blocking socket from Qt's event loop instead; both are
-transport only: requests and replies are the types of ``operations.py``, and every reply is
-interpreted by ``operations.read_reply``.
+transport only: requests and replies are the types of ``operations.py``; every received message
+is read once, by ``operations.read_reply``, and the typed reply parses from that ``Reply``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .operations import (
     CancelRequest,
     HelloReply,
     HelloRequest,
+    Reply,
     Request,
     SegmentReply,
     SegmentRequest,
@@ -123,8 +124,9 @@ class Client:
         return request_id
 
     def receive(self, request_id: str, timeout_s: float | None = None,
-                on_progress: ProgressCallback | None = None) -> Message:
-        """Wait for the final reply to ``request_id``; progress events go to ``on_progress``.
+                on_progress: ProgressCallback | None = None) -> Reply:
+        """Wait for the final ``ok`` reply to ``request_id`` (read: pass it to a request's
+        ``parse_reply``); progress events go to ``on_progress``.
 
         Raises:
             RemoteError: the backend answered ``ok: false``.
@@ -158,7 +160,7 @@ class Client:
                     raise reply.error
                 finally:
                     del reply
-            return message
+            return reply
 
     def _next_message(self, request_id: str, deadline: float) -> Message | None:
         """The next message for ``request_id`` (buffering others'), or None at the deadline."""
@@ -187,7 +189,7 @@ class Client:
     def request(self, op: str, params: Mapping[str, Any] | None = None,
                 arrays: Mapping[str, NDArray[Any]] | None = None, timeout_s: float | None = None,
                 on_progress: ProgressCallback | None = None,
-                cancel_on_timeout: bool = True) -> Message:
+                cancel_on_timeout: bool = True) -> Reply:
         """Send a request and wait for its final reply (see :meth:`receive`)."""
         request_id = self.send(op, params, arrays, timeout_s)
         try:

@@ -3,13 +3,15 @@
 Every request type names its ``OP`` and has ``to_wire() -> (params, arrays)`` (what a client
 sends), ``from_message(message)`` (what a backend accepts: every check that can be made before
 the work is queued, raising the ProtocolError the client should see) and
-``parse_reply(message)`` (the typed reply). Every reply type has ``to_wire() -> (result,
-arrays)`` (what a backend sends) and ``from_message(message)`` (what a client reads); replies
-without arrays also have ``to_result()`` / ``from_result(result)``.
+``parse_reply(reply)`` (the typed reply). Every reply type has ``to_wire() -> (result,
+arrays)`` (what a backend sends) and ``from_reply(reply)`` (what a client reads);
+``from_message(message)`` reads and parses a message in one step; replies without arrays also
+have ``to_result()`` / ``from_result(result)``.
 
-:func:`read_reply` is the one interpretation of a reply header (progress, ok or error), shared
-by the blocking client and the plugin's event-loop connection. docs/protocol.md describes the
-fields on the wire and how to add an operation.
+:func:`read_reply` is the one interpretation of a reply header (progress, ok or error). A
+transport (the blocking client, the plugin's event-loop connection) calls it once per received
+message and hands the :class:`Reply` it returns to ``parse_reply``, which reads the header no
+further. docs/protocol.md describes the fields on the wire and how to add an operation.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Request(Protocol[ReplyT_co]):
     @classmethod
     def from_message(cls, message: Message) -> Request[ReplyT_co]: ...
 
-    def parse_reply(self, message: Message) -> ReplyT_co: ...
+    def parse_reply(self, reply: Reply) -> ReplyT_co: ...
 
 
 # --------------------------------------------------------------------------- reading replies
@@ -112,19 +114,15 @@ def read_reply(message: Message) -> Reply:
         request_id=request_id if isinstance(request_id, str) else None))
 
 
-def final_result(message: Message) -> dict[str, Any]:
-    """The result of a final ``ok`` reply.
+def final_result(reply: Reply) -> dict[str, Any]:
+    """The result of a final ``ok`` reply (transports raise error replies before parsing).
 
     Raises:
         RemoteError: the reply is an error.
         ProtocolError: ``bad_message`` when it is a progress event.
     """
-    reply = read_reply(message)
     if reply.error is not None:
-        try:  # no local may keep the exception (see Client.receive)
-            raise reply.error
-        finally:
-            del reply
+        raise reply.error
     if reply.kind != Reply.OK:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "expected a final reply, got a progress event",
                             request_id=reply.request_id)
@@ -242,8 +240,8 @@ class SetImageRequest:
             raise _invalid(f"unknown engine {engine!r}; engines are {list(ENGINES)}")
         return cls(pixels=pixels, georeference=georeference, raster=raster, engine=engine)
 
-    def parse_reply(self, message: Message) -> SetImageReply:
-        return SetImageReply.from_message(message)
+    def parse_reply(self, reply: Reply) -> SetImageReply:
+        return SetImageReply.from_reply(reply)
 
 
 _R = TypeVar("_R", bound="_ResultReply")
@@ -263,8 +261,13 @@ class _ResultReply:
         return self.to_result(), {}
 
     @classmethod
+    def from_reply(cls: type[_R], reply: Reply) -> _R:
+        return cls.from_result(final_result(reply))
+
+    @classmethod
     def from_message(cls: type[_R], message: Message) -> _R:
-        return cls.from_result(final_result(message))
+        """Read ``message`` (:func:`read_reply`) and parse it."""
+        return cls.from_reply(read_reply(message))
 
 
 @dataclass(frozen=True)
@@ -363,8 +366,8 @@ class SegmentRequest:
         return cls(prompt=Prompt.from_wire(params.get("prompt")),
                    options=SegmentOptions.from_wire(params.get("options")), **tile)
 
-    def parse_reply(self, message: Message) -> SegmentReply:
-        return SegmentReply.from_message(message)
+    def parse_reply(self, reply: Reply) -> SegmentReply:
+        return SegmentReply.from_reply(reply)
 
 
 @dataclass(frozen=True, eq=False)
@@ -403,7 +406,12 @@ class SegmentReply:
 
     @classmethod
     def from_message(cls, message: Message) -> SegmentReply:
-        result = final_result(message)
+        """Read ``message`` (:func:`read_reply`) and parse it."""
+        return cls.from_reply(read_reply(message))
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> SegmentReply:
+        result = final_result(reply)
         features = _field(result, "features", dict)
         if features.get("type") != "FeatureCollection" or \
                 not isinstance(features.get("features"), list):
@@ -413,7 +421,8 @@ class SegmentReply:
                    score=_number(result, "score"), engine=_field(result, "engine", str),
                    model=_field(result, "model", str),
                    timings_ms=dict(_field(result, "timings_ms", dict, {})),
-                   mask=message.arrays.get("mask"), server_ms=_number(result, "server_ms", None))
+                   mask=reply.message.arrays.get("mask"),
+                   server_ms=_number(result, "server_ms", None))
 
 
 # --------------------------------------------------------------------------- cancel
@@ -437,8 +446,8 @@ class CancelRequest:
             raise _invalid("cancel needs params.target, the id of the request to cancel")
         return cls(target)
 
-    def parse_reply(self, message: Message) -> CancelReply:
-        return CancelReply.from_message(message)
+    def parse_reply(self, reply: Reply) -> CancelReply:
+        return CancelReply.from_reply(reply)
 
 
 @dataclass(frozen=True)
@@ -566,8 +575,8 @@ class HelloRequest(_ParameterlessRequest):
 
     OP = "hello"
 
-    def parse_reply(self, message: Message) -> HelloReply:
-        return HelloReply.from_message(message)
+    def parse_reply(self, reply: Reply) -> HelloReply:
+        return HelloReply.from_reply(reply)
 
 
 class RunningRequest(NamedTuple):
@@ -615,8 +624,8 @@ class StatusRequest(_ParameterlessRequest):
 
     OP = "status"
 
-    def parse_reply(self, message: Message) -> StatusReply:
-        return StatusReply.from_message(message)
+    def parse_reply(self, reply: Reply) -> StatusReply:
+        return StatusReply.from_reply(reply)
 
 
 @dataclass(frozen=True)
@@ -638,8 +647,8 @@ class ShutdownRequest(_ParameterlessRequest):
 
     OP = "shutdown"
 
-    def parse_reply(self, message: Message) -> ShutdownReply:
-        return ShutdownReply.from_message(message)
+    def parse_reply(self, reply: Reply) -> ShutdownReply:
+        return ShutdownReply.from_reply(reply)
 
 
 #: The request type of each operation, by op name: what a backend parses a request with.

@@ -133,15 +133,15 @@ class BackendSession:
                 raise Cancelled(request_id)
             wait = min(POLL_S, max(deadline - time.monotonic(), 0.0))
             try:
-                message = self.client.receive(request_id, timeout_s=wait,
-                                              on_progress=on_progress)
+                reply = self.client.receive(request_id, timeout_s=wait,
+                                            on_progress=on_progress)
             except RequestTimeout:
                 if time.monotonic() >= deadline:
                     self._cancel_on_backend(request_id)
                     raise RequestTimeout(f"no reply from {self.address} within {timeout:.0f} s",
                                          request_id=request_id) from None
             else:
-                return request.parse_reply(message)
+                return request.parse_reply(reply)
 
     def hello(self) -> HelloReply:
         """The backend's ``hello``; QgsProcessingException when nobody answers."""

@@ -49,7 +49,7 @@ def client(tiny_backend):
 
 
 def test_hello_reports_protocol_engines_and_device(client):
-    wire = client.request("hello").header["result"]
+    wire = client.request("hello").message.header["result"]
     assert wire["protocol_version"] == 1
     assert wire["engines"]["sam"] == {"available": True, "loaded": True, "model": "sam_tiny",
                                       "tasks": ["interactive"]}
@@ -295,7 +295,7 @@ def test_full_queue_is_refused_with_queue_full(backend_factory, tiny_sam_checkpo
         reply = c.request("segment", *SegmentRequest(
             Prompt(points=(tuple(_map_xy(UTM_TILE, 5, 5)),)), pixels=_tile(seed=99),
             georeference=UTM_TILE).to_wire())
-        assert reply.header["ok"]
+        assert reply.message.header["ok"]
 
 
 def test_sigterm_shuts_the_service_down_cleanly(backend_factory, tiny_sam_checkpoint):

@@ -24,6 +24,7 @@ from qgis_plugin.connection import BackendConnection  # noqa: E402
 from qgis_plugin.launcher import BackendLauncher  # noqa: E402
 from qgis_plugin.unigeoseg_protocol import (  # noqa: E402
     Georeference,
+    HelloReply,
     Prompt,
     SegmentOptions,
     decode_message,
@@ -86,7 +87,7 @@ class Calls:
     def result(self) -> dict:
         assert not self.errors, self.errors
         assert len(self.replies) == 1
-        return self.replies[0].header["result"]
+        return self.replies[0].message.header["result"]
 
 
 @pytest.fixture(autouse=True)
@@ -156,8 +157,8 @@ def assert_qgis_alive(qtbot):
 def test_open_emits_connected_with_the_hello(connect, backend):
     connection = connect(backend.address)
     hello = connection.hellos[0]
-    assert hello["protocol_version"] == 1
-    assert hello["engines"]["sam"]["available"] is True
+    assert hello.protocol_version == 1
+    assert hello.engines["sam"].available is True
     assert connection.is_connected and connection.hello_info == hello
     assert connection.address == backend.address
 
@@ -235,9 +236,12 @@ def test_a_request_past_its_deadline_fails_with_timeout_and_is_cancelled(qtbot):
         # A late reply is ignored; the peer answering a heartbeat makes it "connected".
         peer, probe = next((peer, m) for peer, m in received if m.op == "hello")
         router.send_multipart([peer, *encode_message(ok_header(request_id, {"late": True}))])
+        fake = HelloReply(protocol_version=1, backend_version="fake", engines={},
+                          device="cpu")
         with qtbot.waitSignal(connection.connected, timeout=5000) as blocker:
-            router.send_multipart([peer, *encode_message(ok_header(probe.id, {"fake": 1}))])
-        assert blocker.args == [{"fake": 1}]
+            router.send_multipart([peer, *encode_message(ok_header(probe.id,
+                                                                   fake.to_result()))])
+        assert blocker.args == [fake]
         assert len(calls.errors) == 1 and not calls.replies
     finally:
         connection.close()
@@ -373,7 +377,7 @@ def test_a_backend_restarted_on_the_same_address_is_reconnected(qtbot, connect,
     second = tiny_backend_factory(address=address)  # blocks until it listens
     assert second.address == address
     qtbot.waitUntil(lambda: len(connection.hellos) == 2, timeout=WAIT_MS)
-    assert connection.is_connected and connection.hello_info["engines"]["sam"]["available"]
+    assert connection.is_connected and connection.hello_info.engines["sam"].available
     calls = request_and_wait(qtbot, connection, "set_image", set_image_params(),
                              {"pixels": tile_pixels(seed=10)})
     image = calls.result()
@@ -400,7 +404,7 @@ def test_the_launcher_starts_a_backend_that_a_connection_can_use(qtbot, connect,
             launcher.start(backend_python(), "tcp://127.0.0.1:*", [])
 
         connection = connect(address)
-        assert connection.hello_info["engines"]["sam"]["available"]
+        assert connection.hello_info.engines["sam"].available
         calls = Calls()
         # A segment of an image the backend never saw: answered with a typed error, and
         # logged at INFO (hello and status are DEBUG, so heartbeats stay out of the log).

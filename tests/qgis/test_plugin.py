@@ -305,7 +305,7 @@ def test_the_plugin_authenticates_to_a_curve_backend_with_the_analysts_keys(
     backend, server_public, analyst_secret, stranger_secret = curve_backend
     plugin = plugin_on(backend.address, curve_server_public_file=str(server_public),
                        curve_client_secret_file=str(analyst_secret))
-    assert plugin.connection.hello_info["authenticated"] is True
+    assert plugin.connection.hello_info.authenticated is True
 
     # The analyst switches to a stranger's key in the panel: a new connection, which the
     # backend refuses (it never answers), and the panel is told.
