@@ -46,7 +46,7 @@ from .unigeoseg_protocol.operations import (
     SetImageReply,
     SetImageRequest,
 )
-from .unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
+from .unigeoseg_protocol.params import Prompt, RasterOptions, SegmentOptions
 
 
 @dataclass
@@ -200,7 +200,7 @@ class SegmentationController(QObject):
         for index, tile in enumerate(tiles, start=1):
             request = SegmentRequest(prompt, options,
                                      pixels=render_window(self.source_layer, tile.window),
-                                     georeference=self._georeference(tile.window))
+                                     georeference=tile.window.georeference)
             submit(BackendRequestTask(
                 f"UniGeoSeg: '{text[:40]}' tile {index}/{len(tiles)}", self.connection, request,
                 self.settings.request_timeout_s,
@@ -270,7 +270,7 @@ class SegmentationController(QObject):
         # Encoding can take seconds on a CPU: show it in the task bar, where it can be cancelled.
         submit(BackendRequestTask(
             f"UniGeoSeg: encoding a {window.width} x {window.height} tile", self.connection,
-            SetImageRequest(pixels, self._georeference(window), raster, engine="sam"),
+            SetImageRequest(pixels, window.georeference, raster, engine="sam"),
             self.settings.request_timeout_s, on_reply, on_error))
 
     def _segment(self) -> None:
@@ -322,10 +322,6 @@ class SegmentationController(QObject):
         return SegmentOptions(engine=engine, multimask=True,
                               simplify=self.settings.simplify_map_units,
                               min_area=self.settings.min_area_square_map_units)
-
-    @staticmethod
-    def _georeference(window: TileWindow) -> Georeference:
-        return Georeference(window.crs, window.geotransform)
 
     def _result_default_crs(self) -> str:
         """Wire CRS of a result without a ``crs`` member: its window's, else the canvas's."""

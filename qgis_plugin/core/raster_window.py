@@ -76,15 +76,18 @@ class RasterTile:
 
     Attributes:
         pixels: ``H x W x C`` array (band-last), the layer's own values.
-        georeference: CRS and exact GDAL geotransform of the window.
         raster: nodata handling for the backend.
         window: the window read, on the raster's grid (layer CRS).
     """
 
     pixels: np.ndarray
-    georeference: Georeference
     raster: RasterOptions
     window: TileWindow
+
+    @property
+    def georeference(self) -> Georeference:
+        """CRS and exact GDAL geotransform of the window (the window's own)."""
+        return self.window.georeference
 
 
 def _gdal_geotransform(provider: QgsRasterDataProvider, width: int, height: int):
@@ -276,9 +279,7 @@ def read_window(layer: QgsRasterLayer, grid: RasterGrid, window: TileWindow,
                 pixels[:, :, b][invalid] = np.nan
             if source_dtype == np.uint8:
                 options = RasterOptions(stretch="none")
-    georeference = Georeference(window.crs, window.geotransform)
-    return RasterTile(pixels=np.ascontiguousarray(pixels), georeference=georeference,
-                      raster=options, window=window)
+    return RasterTile(pixels=np.ascontiguousarray(pixels), raster=options, window=window)
 
 
 def read_window_around(layer: QgsRasterLayer, x: float, y: float, size_px: int,

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
+
+from ..unigeoseg_protocol.params import Georeference
 
 #: Overlap between neighbouring text tiles, px (the CLI's ``predict --overlap`` default).
 DEFAULT_OVERLAP_PX = 64
@@ -83,6 +86,12 @@ class TileWindow:
     def geotransform(self) -> tuple[float, float, float, float, float, float]:
         """GDAL order, north-up: what ``gdal.Translate(srcWin=...)`` gives the window."""
         return (self.x0, self.dx, 0.0, self.y0, 0.0, self.dy)
+
+    @cached_property
+    def georeference(self) -> Georeference:
+        """The window's CRS and geotransform as the backend receives them: built once per
+        window, whether its pixels are read from a file or rendered."""
+        return Georeference(self.crs, self.geotransform)
 
     @property
     def extent(self) -> tuple[float, float, float, float]:

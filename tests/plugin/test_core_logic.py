@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from qgis_plugin.core.session import PromptSession
 from qgis_plugin.core.tiles import TileWindow, extent_window, tile_windows, window_around
+from qgis_plugin.unigeoseg_protocol.params import Georeference
 
 
 def window_on_grid(crs, x, y, grid_x0, grid_y0, pixel_size, tile_px, bounds_px):
@@ -21,6 +22,12 @@ def test_window_geometry_is_consistent():
     assert window.contains(500099.9, 4099950.1)
     assert not window.contains(500100.1, 4099990.0)
     assert not window.contains(500001.0, 4099990.0, margin_px=8)
+
+
+def test_a_window_builds_its_georeference_once():
+    window = TileWindow("EPSG:32633", 500000.0, 4100000.0, 0.5, 200, 100).subwindow(10, 4, 8, 8)
+    assert window.georeference == Georeference("EPSG:32633", window.geotransform)
+    assert window.georeference is window.georeference
 
 
 def test_click_window_is_centred_and_on_the_raster_grid():
