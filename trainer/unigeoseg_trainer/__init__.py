@@ -2,6 +2,10 @@
 
 Modules (docs/training.md describes the recipe and each block):
 
+- ``train``: the loop, ``unigeoseg train CONFIG.toml`` and
+  ``torchrun ... -m unigeoseg_trainer CONFIG.toml`` (its docstring has the launch commands).
+- ``models``: the starting model (released folder or registry configuration) and freezing.
+- ``validation``: periodic validation through the evaluation of ``unigeoseg eval``.
 - ``config``: the training TOML as frozen dataclasses; errors name the key.
 - ``schedule``: task shares over training progress; warm-up + cosine learning rate.
 - ``sampler``: task-homogeneous batches from a weighted mixture; distributed,

@@ -211,6 +211,9 @@ def prepare(config: TrainConfig) -> Run:
     """
     world = start_world(config)
     config.check_world(world.size)
+    if config.distributed.fsdp:
+        raise ConfigError("distributed.fsdp", "FSDP2 sharding is not implemented yet; "
+                                              "this trainer runs DDP")
     if not config.model.init and not config.model.architecture:
         raise ConfigError("model.init", "give model.init (a released-layout folder) or "
                                         "model.architecture (random initialisation)")
