@@ -40,6 +40,7 @@ from .core.render import render_window
 from .core.settings import PluginSettings
 from .core.tiles import TileWindow, extent_window, tile_windows, window_around
 from .tasks import BackendRequestTask, submit
+from .unigeoseg_protocol.errors import ErrorCode
 from .unigeoseg_protocol.operations import (
     SegmentReply,
     SegmentRequest,
@@ -315,7 +316,8 @@ class SegmentationController(QObject):
 
     def _on_error(self, code: str, text: str) -> None:
         self._set_busy(False)
-        level = Qgis.MessageLevel.Info if code == "cancelled" else Qgis.MessageLevel.Warning
+        level = (Qgis.MessageLevel.Info if code == ErrorCode.CANCELLED
+                 else Qgis.MessageLevel.Warning)
         self.message(f"{text} ({code})", level)
 
     def _options(self, engine: str) -> SegmentOptions:

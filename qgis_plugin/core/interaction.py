@@ -16,13 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..unigeoseg_protocol.errors import ErrorCode
 from .session import PromptSession
 from .tiles import TileWindow
 
 #: A click this close to a window edge gets a new window centred on it (context matters).
 EDGE_MARGIN_PX = 32
-#: The backend's error code for an image id it no longer has (restarted, or evicted).
-UNKNOWN_IMAGE = "unknown_image"
 
 FeatureCollection = dict[str, Any]
 
@@ -139,8 +138,10 @@ class Interaction:
 
     def segment_failed(self, code: str) -> None:
         self.in_flight = None
-        if code == UNKNOWN_IMAGE:
-            self.session.window = None  # the next click uploads the window again
+        if code == ErrorCode.UNKNOWN_IMAGE:
+            # The backend no longer has the image (restarted, or evicted): the next click
+            # uploads the window again.
+            self.session.window = None
 
     # ------------------------------------------------------------------ objects
 

@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from unigeoseg_backend.model.heads import (
-    TASKS,
+    TASK_ONE_HOT,
     DescriptionProjector,
     HeadsConfig,
     SegQueryBuilder,
     TaskAwareTextEnhancement,
     UniGeoSegHeads,
     pad_coords,
+    task_index,
 )
+from unigeoseg_protocol.vocabulary import TASKS
 
 #: Top-level checkpoint prefixes that other modules own.
 FOREIGN_PREFIXES = ("model.", "pixel_decoder.", "predictor.")
@@ -168,6 +170,11 @@ def test_tate_interactive_clips_coordinates_to_the_chunk(heads):
     coords = torch.rand(3, 2, dtype=torch.float64)
     expected = _intera_branch(heads, e, pad_coords(coords, e.device, e.dtype))
     torch.testing.assert_close(heads.enhance_template(e, "interactive", coords), expected)
+
+
+def test_the_one_hot_code_numbers_the_vocabulary_tasks_in_the_official_order():
+    assert set(TASK_ONE_HOT) == set(TASKS)
+    assert [task_index(task) for task in ("referring", "reasoning", "interactive")] == [0, 1, 2]
 
 
 def test_tate_selects_one_branch_by_task(heads):

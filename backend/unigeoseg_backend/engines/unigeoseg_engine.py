@@ -29,6 +29,7 @@ import torch
 from unigeoseg_protocol.vocabulary import TEXT_TASKS
 
 from ..errors import EngineUnavailableError, InvalidInputError, WeightsError
+from ..model.heads import TASK_ONE_HOT
 from ..model.preprocess import Letterbox, letterbox_image, letterbox_tensor, logits_to_tile
 from ..model.prompting import MAX_POINTS, build_prompt, interactive_instruction
 from .base import Capabilities, Engine, EngineSettings, Prediction, TilePrompt
@@ -37,9 +38,6 @@ if TYPE_CHECKING:  # the model (and transformers) load only when an engine is bu
     from ..model.unigeoseg import VisionFeatures
 
 logger = logging.getLogger(__name__)
-
-#: The tasks UniGeoSeg answers, in the order ``hello`` lists them.
-TASKS = (*TEXT_TASKS, "interactive")
 
 NO_TEXT_MODEL = ("no UniGeoSeg model was given, so text prompts cannot be answered: pass "
                  "--model PATH_OR_NAME (a released-layout model directory, or a model name "
@@ -92,8 +90,10 @@ class UniGeoSegEngine(Engine):
 
     name = "unigeoseg"
     title = "UniGeoSeg"
-    capabilities = Capabilities(tasks=TASKS, points=True, background_points=False,
-                                max_points=MAX_POINTS, box=True, text=True)
+    # Every task of the vocabulary, which ``hello`` lists in the model's one-hot order.
+    capabilities = Capabilities(tasks=tuple(TASK_ONE_HOT), points=True,
+                                background_points=False, max_points=MAX_POINTS, box=True,
+                                text=True)
 
     def __init__(self, loaded: Any, device: torch.device | str, use_cuda_graphs: bool = True):
         self.loaded = loaded

@@ -21,15 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Task = Literal["referring", "reasoning", "interactive"]
-#: Tasks in the order of the official one-hot code (``'ref'`` 0, ``'reason'`` 1, ``'intera'`` 2).
-TASKS: tuple[Task, ...] = ("referring", "reasoning", "interactive")
+from unigeoseg_protocol.vocabulary import TASKS
+
+#: Row of each task (the vocabulary's names) in the official one-hot code and ``task_embed``:
+#: ``'ref'`` 0, ``'reason'`` 1, ``'intera'`` 2. The checkpoint fixes this order, which is not
+#: the vocabulary's.
+TASK_ONE_HOT: Mapping[str, int] = {"referring": 0, "reasoning": 1, "interactive": 2}
+if set(TASK_ONE_HOT) != set(TASKS) or sorted(TASK_ONE_HOT.values()) != list(range(len(TASKS))):
+    raise RuntimeError(f"TASK_ONE_HOT must number exactly the tasks {TASKS} from 0, "
+                       f"got {dict(TASK_ONE_HOT)}")
 
 
 def _lkm_lambda_default() -> dict[str, float]:
@@ -79,9 +84,9 @@ class HeadsConfig:
 
 def task_index(task: str) -> int:
     """Position of ``task`` in the official one-hot code; raises ValueError for unknown tasks."""
-    if task not in TASKS:
+    if task not in TASK_ONE_HOT:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    return TASKS.index(task)
+    return TASK_ONE_HOT[task]
 
 
 def _check_tokens(x: Tensor, width: int, what: str) -> None:
@@ -198,7 +203,7 @@ class TaskAwareTextEnhancement(nn.Module):
                    nn.Linear(4, cfg.hidden, dtype=cfg.legacy_dtype),
                    nn.Linear(2 * cfg.hidden, cfg.hidden, dtype=cfg.legacy_dtype))
 
-    def forward(self, embeds: Tensor, task: Task, coords: Tensor | None = None) -> Tensor:
+    def forward(self, embeds: Tensor, task: str, coords: Tensor | None = None) -> Tensor:
         """Enhance one sample's template chunk.
 
         Args:
@@ -227,7 +232,7 @@ class TaskAwareTextEnhancement(nn.Module):
         return (reason * is_reason + ref * is_ref + intera * is_intera
                 + embeds * (1.0 - is_reason - is_ref - is_intera))
 
-    def forward_batch(self, embeds: Sequence[Tensor], tasks: Sequence[Task],
+    def forward_batch(self, embeds: Sequence[Tensor], tasks: Sequence[str],
                       coords: Sequence[Tensor | None] | None = None) -> list[Tensor]:
         """Per-sample :meth:`forward` over B chunks of lengths L_i; returns B tensors L_i x d."""
         if len(tasks) != len(embeds) or (coords is not None and len(coords) != len(embeds)):
@@ -254,7 +259,7 @@ class LatentKnowledgeMemory(nn.Module):
     def from_config(cls, cfg: HeadsConfig) -> LatentKnowledgeMemory:
         return cls(nn.Parameter(torch.randn(cfg.n_latents, cfg.hidden) * 0.01), cfg.lkm_lambda)
 
-    def forward(self, pooled: Tensor, task: Task) -> Tensor:
+    def forward(self, pooled: Tensor, task: str) -> Tensor:
         """(..., d) -> (..., d)."""
         task_index(task)
         lam = self.lkm_lambda[task]
@@ -278,7 +283,7 @@ class SegPooling(nn.Module):
         self.ref_attn = ref_attn
         self.lkm = lkm
 
-    def forward(self, states: Sequence[Tensor], tasks: Sequence[Task]) -> list[Tensor]:
+    def forward(self, states: Sequence[Tensor], tasks: Sequence[str]) -> list[Tensor]:
         """B tensors S_i (N_i x d) -> B tensors ``[p'_i; S_i]`` ((N_i + 1) x d)."""
         if len(states) != len(tasks) or not tasks:
             raise ValueError(f"need one task per sample, got {len(states)} samples and "
@@ -442,7 +447,7 @@ class UniGeoSegHeads(nn.Module):
         # unused, kept so the checkpoint loads strictly
         self.refer_pooling = AttentionPooling(d)
         self.reason_norm = nn.LayerNorm(d, dtype=cfg.legacy_dtype)
-        self.task_embed = nn.Embedding(len(TASKS), d)
+        self.task_embed = nn.Embedding(len(TASK_ONE_HOT), d)
         self.global_projector = nn.Linear(d, p)
         self.seg_query = nn.Parameter(torch.zeros(cfg.n_seg_queries, d))
         self.reset_parameters()
@@ -477,11 +482,11 @@ class UniGeoSegHeads(nn.Module):
         return SegQueryBuilder(self.origin_SEG_token_projector, self.text_projector,
                                self.local_project, self.d_layers, self.SEG_token_projector)
 
-    def enhance_template(self, embeds: Tensor, task: Task, coords: Tensor | None = None) -> Tensor:
+    def enhance_template(self, embeds: Tensor, task: str, coords: Tensor | None = None) -> Tensor:
         """TATE on one sample's post-``<image>`` template chunk: L x d -> L x d."""
         return self.text_enhancement(embeds, task, coords)
 
-    def build_seg_query(self, refer_states: Sequence[Tensor], tasks: Sequence[Task],
+    def build_seg_query(self, refer_states: Sequence[Tensor], tasks: Sequence[str],
                         res5: Tensor) -> Tensor:
         """B tensors of ``<refer>`` hidden states (N_i x d), B tasks and res5 (B x C5 x H x W)
         -> the mask decoder's query, B x 1 x seg_dim."""
