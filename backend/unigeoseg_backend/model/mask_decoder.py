@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pixel_decoder import sine_position_embedding
+from .recompute import maybe_checkpoint
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,15 @@ class SingleQueryMaskDecoder(nn.Module):
     unused tables listed in the module docstring. Mask2Former's ``input_proj`` is an empty
     ``nn.Sequential`` per level here (memory width equals ``hidden_dim``), which has no tensors,
     so it is left out.
+
+    With ``gradient_checkpointing`` set, each layer's activations (cross-attention,
+    self-attention, FFN) are recomputed in the backward while training (``recompute.py``).
     """
 
     def __init__(self, config: MaskDecoderConfig) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False
         dim = config.hidden_dim
         self.transformer_self_attention_layers = nn.ModuleList(
             SelfAttentionLayer(dim, config.num_heads) for _ in range(config.num_layers))
@@ -225,18 +230,24 @@ class SingleQueryMaskDecoder(nn.Module):
             memory.append(feature.flatten(2).transpose(1, 2) + self.level_embed.weight[level])
 
         # UniGeoSeg's query positional embedding is all zeros; adding zeros changes nothing,
-        # so it is simply not passed.
-        query_pos = None
+        # so _layer passes none.
         query = seg_embedding
         mask_logits, attn_mask = self._predict(query, mask_features, sizes[0])
         predictions = [mask_logits]
         for index in range(self.config.num_layers):
             level = index % levels
-            query = self.transformer_cross_attention_layers[index](
-                query, memory[level], attn_mask, memory_pos[level], query_pos)
-            query = self.transformer_self_attention_layers[index](query, query_pos)
-            query = self.transformer_ffn_layers[index](query)
+            query = maybe_checkpoint(self.gradient_checkpointing and self.training,
+                                     self._layer, index, query, memory[level], attn_mask,
+                                     memory_pos[level])
             mask_logits, attn_mask = self._predict(query, mask_features,
                                                    sizes[(index + 1) % levels])
             predictions.append(mask_logits)
         return predictions
+
+    def _layer(self, index: int, query: Tensor, memory: Tensor, attn_mask: Tensor,
+               memory_pos: Tensor) -> Tensor:
+        """Decoder layer ``index``: masked cross-attention, self-attention, FFN (B x Q x C)."""
+        query = self.transformer_cross_attention_layers[index](
+            query, memory, attn_mask, memory_pos, None)
+        query = self.transformer_self_attention_layers[index](query, None)
+        return self.transformer_ffn_layers[index](query)

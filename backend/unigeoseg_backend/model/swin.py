@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recompute import maybe_checkpoint
+
 #: Value the shifted-window mask adds to logits of token pairs from different regions.
 MASK_FILL = -100.0
 
@@ -326,11 +328,15 @@ class SwinBackbone(nn.Module):
     For Swin-B and a B x 3 x H x W input: res2 B x 128 x H/4 x W/4, res3 B x 256 x H/8 x W/8,
     res4 B x 512 x H/16 x W/16, res5 B x 1024 x H/32 x W/32 (sizes rounded up when H, W are
     not multiples of 32). Only the stages in ``config.out_indices`` are returned.
+
+    With ``gradient_checkpointing`` set (``UniGeoSeg.set_gradient_checkpointing``), each
+    stage's activations are recomputed in the backward while training (``recompute.py``).
     """
 
     def __init__(self, config: SwinConfig) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False
         self.patch_embed = PatchEmbed(
             config.patch_size, config.in_chans, config.embed_dim, config.patch_norm
         )
@@ -390,7 +396,8 @@ class SwinBackbone(nn.Module):
             x = x + pos.permute(0, 2, 3, 1)
         features = {}
         for i, stage in enumerate(self.layers):
-            out, merged = stage(x)
+            out, merged = maybe_checkpoint(self.gradient_checkpointing and self.training,
+                                           stage, x)
             if i in self.config.out_indices:
                 out = getattr(self, f"norm{i}")(out)
                 features[f"res{i + 2}"] = out.permute(0, 3, 1, 2).contiguous()  # B H W C -> B C H W

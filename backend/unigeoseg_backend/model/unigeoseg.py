@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
 from .connector import CompressionConnector, MultiScaleCompressionConnector
@@ -39,6 +40,7 @@ from .prompting import (
     SEG_TOKEN_INDEX,
     TokenizedPrompt,
 )
+from .recompute import checkpoint_call
 from .swin import SwinBackbone, SwinConfig, WindowAttention, relative_position_index
 
 #: Phi-1.5 as UniGeoSeg's checkpoint config.json describes it (vocabulary with [PAD], [SEG]).
@@ -209,6 +211,33 @@ class UniGeoSeg(nn.Module):
             if parameter.requires_grad:
                 groups.setdefault(_component(name), {})[name] = parameter
         return groups
+
+    def set_gradient_checkpointing(self, language: bool = True, *, vision_tower: bool = False,
+                                   mask_decoder: bool = False) -> None:
+        """Recompute activations in the backward instead of keeping them (off by default).
+
+        ``language`` checkpoints each Phi decoder layer (transformers' own mechanism,
+        ``GradientCheckpointingLayer``, with PyTorch's non-reentrant checkpoint);
+        ``vision_tower`` each Swin stage; ``mask_decoder`` each masked-attention decoder layer.
+        Each call sets all three. Outputs and gradients are unchanged. A layer checkpoints
+        only in training mode with gradients recorded: inference (``no_grad``, CUDA graphs)
+        and eval mode run as before.
+        """
+        for layer in self.model.layers:
+            if not isinstance(layer, GradientCheckpointingLayer):
+                raise TypeError(f"{type(layer).__name__} is no GradientCheckpointingLayer; "
+                                "the installed transformers cannot checkpoint Phi's layers")
+            layer.gradient_checkpointing = language
+            layer._gradient_checkpointing_func = checkpoint_call
+        self.model.vision_tower.gradient_checkpointing = vision_tower
+        self.predictor.gradient_checkpointing = mask_decoder
+
+    @property
+    def gradient_checkpointing_state(self) -> dict[str, bool]:
+        """Which components checkpoint: ``language``, ``vision_tower``, ``mask_decoder``."""
+        return {"language": all(layer.gradient_checkpointing for layer in self.model.layers),
+                "vision_tower": self.model.vision_tower.gradient_checkpointing,
+                "mask_decoder": self.predictor.gradient_checkpointing}
 
     @property
     def device(self) -> torch.device:
