@@ -242,7 +242,7 @@ class Segmenter:
         self.engines.check_task(engine_name, task)
         engine = self.engines.get(engine_name)
         output_crs = parse_crs(options.output_crs) if options.output_crs else record.grid.crs
-        tile_prompt = self._tile_prompt(record.grid, prompt, options)
+        tile_prompt = to_tile_prompt(prompt, record.grid, options.multimask)
         object_key = (record.image_id, engine.model_id, prompt.object_key)
         feedback = engine.capabilities.mask_feedback and bool(prompt.object_key)
         if feedback:
@@ -276,11 +276,23 @@ class Segmenter:
                             mask=mask.astype(np.uint8) if options.return_mask else None,
                             timings_ms={k: round(v, 3) for k, v in timings.items()})
 
-    @staticmethod
-    def _tile_prompt(grid: TileGrid, prompt: Prompt, options: SegmentOptions) -> TilePrompt:
-        """The prompt in continuous tile pixel coordinates, checked against the tile."""
+
+def to_tile_prompt(prompt: Prompt, grid: TileGrid | None = None,
+                   multimask: bool = True) -> TilePrompt:
+    """The prompt as engines receive it: points and box in continuous pixel coordinates of
+    ``grid``, the tile's (checked against it), task and text as they are. The one conversion
+    of a ``Prompt``, for the Segmenter's tiles and the whole-raster pipeline's text prompt.
+
+    Raises:
+        ValueError: points or a box without a grid to place them on.
+        OutOfBoundsError: a point outside the tile, or a box that misses it.
+    """
+    points_px = labels = box_px = None
+    if grid is None:
+        if prompt.points or prompt.box is not None:
+            raise ValueError("points and boxes need the tile's grid")
+    else:
         src_crs = parse_crs(prompt.crs) if prompt.crs else None
-        points_px = labels = box_px = None
         if prompt.points:
             points_px = grid.map_to_pixel(np.asarray(prompt.points, dtype=np.float64), src_crs)
             grid.check_inside(points_px)
@@ -292,8 +304,8 @@ class Segmenter:
                 raise OutOfBoundsError(f"the box {list(prompt.box)} does not overlap the tile",
                                        {"box": list(prompt.box)})
             box_px = np.asarray(clipped, dtype=np.float64)
-        return TilePrompt(task=str(prompt.task), text=prompt.text, points=points_px,
-                          labels=labels, box=box_px, multimask=options.multimask)
+    return TilePrompt(task=str(prompt.task), text=prompt.text, points=points_px, labels=labels,
+                      box=box_px, multimask=multimask)
 
 
 def provenance(engine: Engine, prompt: Prompt) -> dict[str, Any]:

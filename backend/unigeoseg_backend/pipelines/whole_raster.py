@@ -49,7 +49,7 @@ from ..geo.pixels import to_rgb8
 from ..geo.raster_io import read_tile
 from ..geo.tiling import AxisSpan, Region, StripPolygonizer, Tile, axis_spans, tile_grid
 from ..geo.vector_io import StagedLayer
-from ..segmenter import CancelToken, ProgressCallback, provenance
+from ..segmenter import CancelToken, ProgressCallback, provenance, to_tile_prompt
 
 LAYER = "segments"
 
@@ -120,7 +120,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
     """
     if prompt.points or prompt.box is not None:
         raise InvalidInputError("a whole-raster run takes a text prompt only (no points or box)")
-    tile_prompt = TilePrompt(task=str(prompt.task), text=prompt.text)
+    tile_prompt = to_tile_prompt(prompt)
     engine.capabilities.check(tile_prompt, engine.title)
     output = Path(output)
     if output.suffix.lower() != ".gpkg":
