@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.server
 import os
 import re
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import platformdirs
 import pytest
+from tests.backend.loopback_http import QuietHandler, serving
 
 from unigeoseg_backend import weights
 from unigeoseg_backend.cli.weights import add_weights_parser
@@ -42,12 +42,8 @@ class ServerState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(QuietHandler):
     state: ServerState  # set on a per-server subclass
-
-    def log_message(self, format, *args):  # keep test output clean
-        pass
 
     def do_GET(self):  # noqa: N802 - http.server naming
         state = self.state
@@ -91,20 +87,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     state = ServerState(files={FILENAME: PAYLOAD})
-    handler = type("Handler", (_Handler,), {"state": state})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with serving(type("Handler", (_Handler,), {"state": state})) as base_url:
+        state.base_url = base_url
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-        assert not thread.is_alive()
 
 
 @pytest.fixture(autouse=True)

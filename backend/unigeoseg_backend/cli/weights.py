@@ -1,42 +1,71 @@
-"""``unigeoseg weights list|download|verify``: the SAM checkpoints in the weights cache."""
+"""``unigeoseg weights list|download|verify``: SAM checkpoints and UniGeoSeg models in the
+weights cache.
+
+Exit codes: 0 success, 1 failure (a readable message on stderr), 2 the server or model hub
+could not be reached (offline, no route): nothing was downloaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
+from ..engines.base import EngineSettings
 from ..errors import WeightsError
-from ..weights import BASE_URL_ENV, CACHE_DIR_ENV, cache_dir, download, get_spec, status, verify
+from ..weights import (
+    BASE_URL_ENV,
+    CACHE_DIR_ENV,
+    HUB_MODELS,
+    MODEL_ENV,
+    NetworkUnavailableError,
+    WeightStatus,
+    cache_dir,
+    configured_model,
+    download,
+    known_names,
+    status,
+    verify,
+)
+
+EXIT_UNREACHABLE = 2
 
 
 def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``weights list|download|verify`` to a CLI; each sets ``func`` to a handler that
-    takes the parsed args and returns an exit code (0 ok, 1 failure)."""
+    takes the parsed args and returns an exit code (see the module docstring)."""
     parser = subparsers.add_parser(
-        "weights", help="list, download and verify SAM checkpoints",
-        description=f"Manage SAM checkpoints in the cache folder ({cache_dir()}; "
-                    f"set {CACHE_DIR_ENV} to move it).")
+        "weights", help="list, download and verify SAM checkpoints and UniGeoSeg models",
+        description=f"Manage SAM checkpoints and UniGeoSeg models in the cache folder "
+                    f"({cache_dir()}; set {CACHE_DIR_ENV} to move it).")
     parser.set_defaults(func=_help_handler(parser))
     commands = parser.add_subparsers(dest="weights_command", metavar="COMMAND")
 
-    listing = commands.add_parser("list", help="show known checkpoints and which are cached")
+    listing = commands.add_parser(
+        "list", help="show every known and cached model: size, state, verified, path")
     listing.set_defaults(func=cmd_list)
 
+    hub = ", ".join(f"{spec.name} ({spec.repo_id})" for spec in HUB_MODELS.values())
     fetch = commands.add_parser(
-        "download", help="download (or resume) a checkpoint",
-        description="Download a checkpoint into the cache folder, resuming an interrupted "
-                    "download, and verify it.")
-    fetch.add_argument("name", help="weights name, e.g. sam_vit_b (see `weights list`)")
-    fetch.add_argument("--dest", metavar="DIR", help="folder to download into "
-                       "(default: the cache folder)")
-    fetch.add_argument("--base-url", metavar="URL",
-                       help=f"mirror folder holding the same filenames (or set {BASE_URL_ENV})")
+        "download", help="download (or resume) a checkpoint or a released model",
+        description="Download a SAM checkpoint or a released UniGeoSeg model from the "
+                    f"Hugging Face hub ({hub}) into the cache folder, resuming an "
+                    "interrupted download, and verify it. A hub model is then usable as "
+                    "--model NAME.")
+    fetch.add_argument("name", help=f"one of {', '.join(known_names())}")
+    fetch.add_argument("--dest", metavar="DIR", help="folder to download into (default: the "
+                       "cache folder; a hub model goes into DIR/NAME)")
+    fetch.add_argument("--base-url", metavar="URL", help="SAM only: mirror folder holding "
+                       f"the same filenames (or set {BASE_URL_ENV})")
+    fetch.add_argument("--endpoint", metavar="URL", help="hub models only: the hub's address "
+                       "(default $HF_ENDPOINT, else https://huggingface.co)")
     fetch.add_argument("--no-progress", dest="progress", action="store_false",
                        help="do not show a progress bar")
     fetch.set_defaults(func=cmd_download)
 
-    check = commands.add_parser("verify", help="check size and checksum of cached checkpoints")
+    check = commands.add_parser(
+        "verify", help="check sizes and digests of cached checkpoints and models")
     check.add_argument("name", nargs="?", help="weights name (default: every cached one)")
     check.set_defaults(func=cmd_verify)
     return parser
@@ -66,27 +95,50 @@ def _human(size: int) -> str:
     return f"{value:.1f} GiB"
 
 
+_KIND_TITLES = {"sam": "SAM", "hub": "UniGeoSeg (hub)", "local": "UniGeoSeg (local)"}
+_VERIFIED_WORDS = {True: "yes", False: "no", None: "unknown"}
+
+
+def _state(row: WeightStatus) -> str:
+    if row.downloaded:
+        return "downloaded"
+    if row.partial_bytes:
+        return f"partial ({_human(row.partial_bytes)})"
+    return "not downloaded"
+
+
+def _defaults() -> set[str]:
+    """What ``serve`` uses without options: the SAM checkpoint of the default type, and the
+    UniGeoSeg model ``$UNIGEOSEG_MODEL`` names."""
+    text_model = configured_model(None)
+    return {f"sam_{EngineSettings.sam_type}", *([os.fspath(text_model)] if text_model else [])}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """``weights list``: one line per known checkpoint."""
+    """``weights list``: one line per known checkpoint or model and per cached model folder;
+    ``*`` marks the defaults."""
     rows = status()
-    print(f"Cache folder: {cache_dir()}")
-    width = max((len(r.name) for r in rows), default=4)
+    defaults = _defaults()
+    print(f"Cache folder: {cache_dir()}  (* default; text model from ${MODEL_ENV})")
+    width = max((len(r.name) for r in rows), default=4) + 2
+    print(f"{'NAME':<{width}}  {'KIND':<17}  {'SIZE':>10}  {'STATE':<16}  VERIFIED  PATH")
     for row in rows:
-        if row.downloaded:
-            state = "downloaded"
-        elif row.partial_bytes:
-            state = f"partial ({_human(row.partial_bytes)})"
-        else:
-            state = "not downloaded"
-        print(f"{row.name:<{width}}  {_human(row.size_bytes):>10}  {state:<16}  {row.path}")
+        marked = f"{row.name}{' *' if row.name in defaults or str(row.path) in defaults else ''}"
+        size = _human(row.size_bytes) if row.size_bytes else "?"
+        verified = _VERIFIED_WORDS[row.verified] if row.path.exists() else "-"
+        print(f"{marked:<{width}}  {_KIND_TITLES[row.kind]:<17}  {size:>10}  "
+              f"{_state(row):<16}  {verified:<8}  {row.path}")
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    """``weights download NAME``: prints the checkpoint path on success."""
+    """``weights download NAME``: prints the checkpoint file or model folder on success."""
     try:
         path = download(args.name, dest_dir=args.dest, base_url=args.base_url,
-                        progress=args.progress)
+                        endpoint=args.endpoint, progress=args.progress)
+    except NetworkUnavailableError as exc:
+        _fail(exc.message)
+        return EXIT_UNREACHABLE
     except WeightsError as exc:
         return _fail(exc.message)
     except KeyboardInterrupt:
@@ -99,18 +151,20 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """``weights verify [NAME]``: 0 when every checked file is good."""
     if args.name is not None:
-        try:
-            names = [get_spec(args.name).name]
-        except WeightsError as exc:
-            return _fail(exc.message)
+        names = [args.name]
     else:
-        names = [row.name for row in status() if row.path.exists()]
+        names = [row.name for row in status() if row.kind != "local" and row.path.exists()]
         if not names:
             print(f"No checkpoints in {cache_dir()}; nothing to verify.")
             return 0
     failed = 0
     for name in names:
-        result = verify(name)
+        try:
+            result = verify(name)
+        except WeightsError as exc:  # an unknown name, an unreadable hub-lock.json
+            failed += 1
+            _fail(f"{name}: {exc.message}")
+            continue
         if result.ok:
             print(f"{name}: OK ({result.reason}) {result.path}")
         else:
