@@ -162,7 +162,7 @@ class SegmentationController(QObject):
             return 0
         layer = self.target_layer or self._default_target_layer()
         features = results.to_layer_features(
-            result, results.collection_crs(result, self._result_default_crs()), layer.fields(),
+            result, self._result_default_crs(), layer.fields(),
             self.source_layer.name() if self.source_layer else "", target_crs=layer.crs(),
             multi=QgsWkbTypes.isMultiType(layer.wkbType()))
         if not results.add_features_undoably(layer, features):
@@ -289,11 +289,8 @@ class SegmentationController(QObject):
 
     def _on_segment_reply(self, reply: SegmentReply, object_key: str) -> None:
         self._set_busy(False)
-        collection = reply.features
-        if self.interaction.segment_answered(object_key, collection):
-            for feature in collection["features"]:
-                feature["properties"]["source_layer"] = self.source_layer.name()
-            self._refresh_overlays()
+        if self.interaction.segment_answered(object_key, reply.features):
+            self._refresh_overlays()  # source_layer is filled in on accept (to_layer_features)
         if self.interaction.resend:
             self._segment()
 

@@ -43,7 +43,8 @@ def result_fields() -> QgsFields:
 
 def collection_crs(collection: dict[str, Any], default: str) -> QgsCoordinateReferenceSystem:
     """The CRS a FeatureCollection from the backend declares (its ``crs`` member), else the
-    wire CRS ``default``."""
+    wire CRS ``default`` (the tile's): the one reading of a reply's CRS, for the panel's
+    preview and, through :func:`to_layer_features`, every written feature."""
     name = (collection.get("crs") or {}).get("properties", {}).get("name") or default
     try:
         return crs_from_wire(name)
@@ -192,19 +193,22 @@ def _dissolve(group: list[_Piece]) -> list[dict[str, Any]]:
     return out
 
 
-def to_layer_features(collection: dict[str, Any], source_crs: QgsCoordinateReferenceSystem,
+def to_layer_features(collection: dict[str, Any], default_crs: str,
                       fields: QgsFields, source_layer_name: str,
                       target_crs: QgsCoordinateReferenceSystem | None = None,
                       multi: bool = True, defaults: dict[str, Any] | None = None
                       ) -> list[QgsFeature]:
     """Features for a layer or sink with ``fields``, from a FeatureCollection of the backend.
 
-    Geometries are the GeoJSON coordinates bit for bit, transformed from ``source_crs`` to
-    ``target_crs`` when one is given. ``multi``: one multipolygon feature per GeoJSON feature
-    (for multipolygon layers); else one polygon feature per part. Attributes are filled by
+    Geometries are the GeoJSON coordinates bit for bit, in the collection's CRS
+    (:func:`collection_crs`: its ``crs`` member, else the wire CRS ``default_crs``),
+    transformed into ``target_crs`` when one is given and differs. ``multi``: one
+    multipolygon feature per GeoJSON feature (for multipolygon layers); else one polygon
+    feature per part. Attributes are filled by
     field name from the feature's properties over ``defaults`` (e.g. the reply's ``engine``,
     ``model`` and ``score``), with ``source_layer``; missing ones stay NULL.
     """
+    source_crs = collection_crs(collection, default_crs)
     transform = (QgsCoordinateTransform(source_crs, target_crs, QgsProject.instance())
                  if target_crs is not None and target_crs != source_crs else None)
     out = []

@@ -167,11 +167,13 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
 
     def write_result(self, sink, fields, collection: dict[str, Any], parameters,
                      defaults: dict[str, Any] | None = None) -> int:
-        """Write the polygons of a FeatureCollection from the backend (raster CRS, the sink's
-        CRS), one feature per polygon part; ``defaults``: attributes the features' own
-        properties lack (the reply's engine, model, score). Returns how many."""
-        features = to_layer_features(collection, self._crs, fields, self._layer_name,
-                                     multi=False, defaults=defaults)
+        """Write the polygons of a FeatureCollection from the backend (in the CRS it names,
+        else the raster's) into the sink (raster CRS), one feature per polygon part;
+        ``defaults``: attributes the features' own properties lack (the reply's engine,
+        model, score). Returns how many."""
+        features = to_layer_features(collection, self._grid.window.crs, fields,
+                                     self._layer_name, target_crs=self._crs, multi=False,
+                                     defaults=defaults)
         for feature in features:
             if not sink.addFeature(feature, QgsFeatureSink.Flag.FastInsert):
                 raise QgsProcessingException(self.writeFeatureError(sink, parameters,
