@@ -1,5 +1,6 @@
 """A CPU fp32 run killed with SIGKILL at a random step and resumed ends bit-identical to an
-uninterrupted run: model, optimizer state, sampler position and per-step losses."""
+uninterrupted run: model, optimizer state, sampler position and per-step losses; a full
+fine-tune and a LoRA one (adapters, their optimizer state and LoRA's dropout draws)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,20 @@ from unigeoseg_trainer.train import CHECKPOINTS, EXPORT
 MAX_STEPS = 10
 
 
-def _config(folder, chips):
+#: The runs killed and resumed: section changes on top of _config's.
+VARIANTS = {
+    "full-fine-tune": {},
+    "lora": {"lora": {"enabled": True}},
+}
+
+
+def _config(folder, chips, changes):
     # accumulation 2 and hflip: the resumed run must also repeat the micro-batch order
     # and the per-sample flips
     sections = tiny_sections(folder / "out", run={"max_steps": MAX_STEPS, "checkpoint_every": 1,
                                                   "keep_checkpoints": 3, "log_every": 1},
                              batch={"accumulation": 2, "global_batch": 4},
-                             augment={"hflip": 0.5})
+                             augment={"hflip": 0.5}, **changes)
     return write_config(folder / "run.toml", sections,
                         [{"name": "local", "root": chips, "split": "train"}])
 
@@ -45,15 +53,18 @@ def _last_per_step(out) -> dict[int, float]:
 
 
 @pytest.mark.timeout(280)
-def test_a_run_killed_at_a_random_step_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_run_killed_at_a_random_step_resumes_bit_identically(tmp_path, variant):
+    if variant == "lora":
+        pytest.importorskip("peft")
     chips = write_local_dataset(tmp_path / "chips", *synthetic_chips())
     (tmp_path / "whole").mkdir()
-    whole = _config(tmp_path / "whole", chips)
+    whole = _config(tmp_path / "whole", chips, VARIANTS[variant])
     completed = run_trainer(whole)
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     (tmp_path / "killed").mkdir()
-    killed = _config(tmp_path / "killed", chips)
+    killed = _config(tmp_path / "killed", chips, VARIANTS[variant])
     kill_at = random.SystemRandom().randint(2, MAX_STEPS - 3)
     process = subprocess.Popen([sys.executable, "-m", "unigeoseg_trainer", str(killed)],
                                env=trainer_env(), stderr=subprocess.PIPE, text=True)

@@ -147,6 +147,22 @@ class DistributedConfig:
     fsdp: bool = False              #: shard parameters and optimizer state (FSDP2)
 
 
+#: The Phi decoder-layer projections LoRA may adapt (attention, then MLP).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters on the language model instead of training it fully (:mod:`.lora`);
+    the defaults are the LISA family's recipe."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "dense")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     tensorboard: bool = True        #: also write TensorBoard events if it is installed
@@ -175,6 +191,7 @@ class TrainConfig:
     distributed: DistributedConfig
     metrics: MetricsConfig
     validation: ValidationConfig = ValidationConfig()
+    lora: LoraSettings = LoraSettings()
 
     def check_world(self, world_size: int) -> None:
         """Raise ConfigError if the batch cannot be split over ``world_size`` processes."""
@@ -189,7 +206,7 @@ class TrainConfig:
 _SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "batch": BatchConfig, "optim": OptimConfig,
     "loss": LossConfig, "tasks": TaskScheduleConfig, "augment": AugmentConfig,
-    "distributed": DistributedConfig, "metrics": MetricsConfig,
+    "distributed": DistributedConfig, "metrics": MetricsConfig, "lora": LoraSettings,
 }
 
 
@@ -348,6 +365,7 @@ def _check(c: TrainConfig, check_paths: bool) -> None:
         _require(0 <= getattr(c.augment, name) <= 1, f"augment.{name}", "must lie in [0, 1]")
     _require(c.distributed.backend in ("auto", "nccl", "gloo"), "distributed.backend",
              "use auto, nccl or gloo")
+    _check_lora(c.lora, c.model)
     for i, d in enumerate(c.datasets):
         _check_dataset(d, f"datasets[{i}]", check_paths)
     v = c.validation
@@ -377,6 +395,18 @@ def _check_model(m: ModelConfig, check_paths: bool) -> None:
             path = getattr(m, key)
             _require(not path or Path(path).is_dir(), f"model.{key}",
                      f"{path} is not a directory")
+
+
+def _check_lora(lora: LoraSettings, m: ModelConfig) -> None:
+    _require(lora.rank >= 1, "lora.rank", "must be at least 1")
+    _require(lora.alpha > 0, "lora.alpha", "must be positive")
+    _require(0 <= lora.dropout < 1, "lora.dropout", "must lie in [0, 1)")
+    _require(bool(lora.target_modules), "lora.target_modules", "name at least one projection")
+    for name in lora.target_modules:
+        _require(name in LORA_TARGETS, "lora.target_modules",
+                 f"unknown projection {name!r}; use {', '.join(LORA_TARGETS)}")
+    _require(not (lora.enabled and "language" in m.freeze), "lora.enabled",
+             "model.freeze freezes the language model: LoRA would train nothing there")
 
 
 def _check_tasks(t: TaskScheduleConfig) -> None:

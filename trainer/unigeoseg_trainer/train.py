@@ -78,6 +78,7 @@ from unigeoseg_backend.model.unigeoseg import UniGeoSeg
 from . import checkpointing
 from .config import ConfigError, TrainConfig, load_config
 from .data import Batch, Mixture, ReadFailures, load_batch, open_mixture
+from .lora import add_lora, merged_model
 from .losses import PointSampling, TrainingLoss, mean_mask_count
 from .metrics_log import MetricsLog, Throughput, progress_line
 from .models import build_model, freeze
@@ -172,6 +173,11 @@ class Run:
     def device(self) -> torch.device:
         return self.model.device
 
+    def plain_model(self) -> UniGeoSeg:
+        """The model as it leaves the trainer (validation, export): LoRA adapters merged
+        into a plain UniGeoSeg, or the model itself."""
+        return merged_model(self.model) if self.config.lora.enabled else self.model
+
 
 def enable_activation_checkpointing(model: UniGeoSeg) -> None:
     """Phi's decoder layers recompute their activations in backward (non-reentrant)."""
@@ -222,6 +228,8 @@ def prepare(config: TrainConfig) -> Run:
     torch.manual_seed(config.run.seed)        # the same initial weights on every process
     model, tokenizer = build_model(config.model, world.device)
     freeze(model, config.model.freeze)
+    if config.lora.enabled:
+        add_lora(model, config.lora)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     set_train_mode(model)
@@ -405,7 +413,7 @@ def export(run: Run) -> Path:
 
     path = run.output_dir / EXPORT
     if run.world.is_main:
-        save_released(run.model, run.tokenizer, path)
+        save_released(run.plain_model(), run.tokenizer, path)
         logger.info("model written to %s", path)
     barrier(run.world)
     return path
@@ -454,7 +462,7 @@ def run_loop(run: Run) -> Path:
                 save(run)
                 throughput.restart()
             if run.validator.due(run.step, config.run.max_steps):
-                scores = run.validator.run(run.model, run.tokenizer, run.step)
+                scores = run.validator.run(run.plain_model(), run.tokenizer, run.step)
                 metrics.write(run.step, scores)
                 set_train_mode(run.model)
                 throughput.restart()
