@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..model.prompting import PromptTemplate
+from ..restricted_pickle import RestrictedUnpickler
 from .base import DatasetError, DatasetListing, Sample, SampleProblem, SampleReadError
 from .coco_mask import SegmentationError, segmentation_to_mask
 from .images import missing_problems, read_rgb
@@ -43,23 +44,6 @@ REFS_FILE = "refs(unc).p"
 
 # What a decoded refs pickle may contain.
 _PLAIN_TYPES = (dict, list, str, int, float, bool, type(None))
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler that builds no class and calls no function.
-
-    Every global reference (``GLOBAL``/``STACK_GLOBAL``/extension codes all go through
-    :meth:`find_class`) raises, so ``os.system`` or any ``__reduce__`` payload is refused
-    before anything runs. Containers and scalars need no class lookup and still load.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: the refs pickle may only hold "
-            f"dicts, lists, strings and numbers")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refusing a persistent id in the refs pickle")
 
 
 def load_refs_pickle(path: Path) -> list[dict[str, Any]]:
@@ -72,7 +56,9 @@ def load_refs_pickle(path: Path) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as f:
             # REFER pickles come from Python 2 or 3; utf-8 decodes Python 2 str as text.
-            refs = RestrictedUnpickler(f, encoding="utf-8").load()
+            refs = RestrictedUnpickler(
+                f, holds="the refs pickle may only hold dicts, lists, strings and numbers",
+                encoding="utf-8").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot load {path}: {exc}") from exc
     if not isinstance(refs, list) or not _is_plain(refs):

@@ -46,13 +46,14 @@ from .release_config import (
 )
 from .unigeoseg import UniGeoSeg, UniGeoSegConfig
 from .weight_files import (
-    MAX_LISTED,
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
-    TensorSpec,
     WeightFiles,
+    check_layout,
+    dtype_name,
     find_weight_files,
     iter_tensors,
+    listing,
     read_headers,
 )
 
@@ -71,21 +72,6 @@ class LoadedModel:
     config: UniGeoSegConfig
     name: str
     path: Path
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _compatible(stored: torch.dtype | None, expected: torch.dtype) -> bool:
-    """Floating tensors are cast to the load dtype; other kinds must keep theirs."""
-    if stored is None:
-        return False
-    if expected.is_floating_point:
-        return stored.is_floating_point
-    if expected == torch.bool or stored == torch.bool:
-        return stored == expected
-    return not stored.is_floating_point and not stored.is_complex
 
 
 # ====================================================================== building the model
@@ -150,42 +136,6 @@ def _ignorable(name: str, num_heads: int) -> bool:
         return False
 
 
-def _listing(names: list[str]) -> str:
-    more = f", ... (+{len(names) - MAX_LISTED})" if len(names) > MAX_LISTED else ""
-    return ", ".join(names[:MAX_LISTED]) + more
-
-
-def _compare(folder: Path, name: str, header: Mapping[str, TensorSpec],
-             expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], num_heads: int) -> None:
-    missing = sorted(set(expected) - set(header))
-    unexpected = sorted(n for n in set(header) - set(expected) if not _ignorable(n, num_heads))
-    shapes = {n: {"checkpoint": list(header[n][0]), "expected": list(expected[n][0])}
-              for n in sorted(set(header) & set(expected)) if header[n][0] != expected[n][0]}
-    dtypes = {n: {"checkpoint": _dtype_name(header[n][1]) if header[n][1] else "unknown",
-                  "expected": _dtype_name(expected[n][1])}
-              for n in sorted(set(header) & set(expected))
-              if n not in shapes and not _compatible(header[n][1], expected[n][1])}
-    if not (missing or unexpected or shapes or dtypes):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing ({_listing(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
-    if shapes:
-        parts.append(f"{len(shapes)} with the wrong shape (" + _listing(
-            [f"{n}: {v['checkpoint']} instead of {v['expected']}" for n, v in shapes.items()])
-            + ")")
-    if dtypes:
-        parts.append(f"{len(dtypes)} with the wrong dtype (" + _listing(
-            [f"{n}: {v['checkpoint']} instead of {v['expected']}" for n, v in dtypes.items()])
-            + ")")
-    raise WeightsError(f"checkpoint {folder} does not match {name}: " + "; ".join(parts),
-                       {"path": str(folder), "model": name, "missing_keys": missing,
-                        "unexpected_keys": unexpected, "mismatched_shapes": shapes,
-                        "mismatched_dtypes": dtypes})
-
-
 # ====================================================================== filling the weights
 
 
@@ -197,22 +147,22 @@ def _fill(model: UniGeoSeg, weights: WeightFiles, expected: Mapping[str, Any]) -
     for file in weights.files:
         for name, tensor in iter_tensors(file, weights.kind):
             if name not in expected:
-                continue  # ignorable (checked by _compare)
+                continue  # ignorable (checked by check_layout)
             with torch.no_grad():
                 for target_name, value in released_to_model({name: tensor}, num_heads).items():
                     target = targets[target_name]
                     if target_name.endswith("relative_position_index"):
-                        _check_position_index(target_name, value, target, targets)
+                        check_position_index(target_name, value, target, targets)
                     target.copy_(value)
                     filled.add(target_name)
             del tensor
     unfilled = sorted(set(targets) - filled)
-    if unfilled:  # _compare makes this unreachable, short of a racing writer
+    if unfilled:  # check_layout makes this unreachable, short of a racing writer
         raise WeightsError(f"checkpoint left {len(unfilled)} tensor(s) unset: "
-                           f"{_listing(unfilled)}", {"missing_keys": unfilled})
+                           f"{listing(unfilled)}", {"missing_keys": unfilled})
 
 
-def _check_position_index(name: str, loaded: Tensor, computed: Tensor,
+def check_position_index(name: str, loaded: Tensor, computed: Tensor,
                           targets: Mapping[str, Tensor]) -> None:
     """A Swin ``relative_position_index`` must index its bias table; the model's own value
     is the standard one, so a different one is worth a warning."""
@@ -318,12 +268,13 @@ def _load(folder: Path, weights: WeightFiles, device: torch.device,
     tokenizer = _load_tokenizer(folder, config)
     model = _build_meta(config)
     expected = _expected_release_layout(model, header)
-    _compare(folder, name, header, expected, config.language["num_attention_heads"])
+    num_heads = config.language["num_attention_heads"]
+    check_layout(folder, name, header, expected, lambda n: _ignorable(n, num_heads))
     model = _materialize(model, device, dtype)  # only now is memory taken
     _fill(model, weights, expected)
     model.eval()
     logger.info("loaded %s from %s (%d tensors, %s on %s) in %.1f s", name, folder,
-                len(header), _dtype_name(dtype), device, time.perf_counter() - start)
+                len(header), dtype_name(dtype), device, time.perf_counter() - start)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, name=name, path=folder)
 
 
