@@ -149,6 +149,8 @@ class Prompt:
         if task == "interactive" and not parsed_points and box is None:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT,
                                 "an interactive prompt needs points or a box")
+        # Guards the wire: refused before the request is queued (the engine API checks again,
+        # for callers that build a TilePrompt without the protocol).
         if task in TEXT_TASKS and not text:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT, f"a {task} prompt needs a text instruction")
         return cls(points=tuple(parsed_points), labels=tuple(int(lb) for lb in labels),

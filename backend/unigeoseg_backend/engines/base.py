@@ -134,6 +134,8 @@ class Capabilities:
         if prompt.task not in self.tasks:
             raise self.refuse_task(prompt.task, title)
         if prompt.task in TEXT_TASKS:
+            # Guards the engine API, which runs without the protocol (local predict,
+            # segment_raster, scripts); requests from the wire were refused by Prompt.from_wire.
             if not prompt.text:
                 raise EmptyPromptError(f"a {prompt.task} prompt needs a text instruction")
             return

@@ -244,8 +244,8 @@ def build_prompt(
         raise InvalidInputError(f"unknown task {task!r}; expected one of {TASKS}")
     template = PromptTemplate(template)
     spec = _TEMPLATES[template]
-    if not instruction.strip():
-        raise InvalidInputError("empty instruction")
+    # An empty instruction never gets here: requests are refused by Prompt.from_wire (wire)
+    # and Capabilities.check (engine API), dataset samples by their readers.
     if spec.empty_answer is None and answer:
         raise InvalidInputError(f"template {template.value} has no <answer> slot")
 
