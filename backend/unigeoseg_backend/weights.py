@@ -848,7 +848,7 @@ def _resolve_lock(spec: HubModelSpec, endpoint: str | None, timeout_s: float) ->
     try:
         info = api.model_info(spec.repo_id, revision=revision, files_metadata=True,
                               timeout=timeout_s)
-    except (OfflineModeIsEnabled, httpx2.TransportError) as exc:
+    except (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException) as exc:
         raise NetworkUnavailableError(
             f"Cannot reach the model hub for {where}: {exc}. Check the network (or "
             "$HF_ENDPOINT), or copy a released model folder here and pass --model PATH.",
@@ -858,6 +858,9 @@ def _resolve_lock(spec: HubModelSpec, endpoint: str | None, timeout_s: float) ->
                            {"name": spec.name, "repo_id": spec.repo_id}) from exc
     except HfHubHTTPError as exc:
         raise WeightsError(f"The model hub refused {where}: {exc}",
+                           {"name": spec.name, "repo_id": spec.repo_id}) from exc
+    except httpx2.TransportError as exc:  # reached, but the exchange broke off
+        raise WeightsError(f"The model hub failed to answer for {where}: {exc}",
                            {"name": spec.name, "repo_id": spec.repo_id}) from exc
     if spec.commit is not None and info.sha != spec.commit:
         raise WeightsError(f"The hub answered commit {info.sha} for {where}, not the pinned "
