@@ -1,7 +1,7 @@
 """``unigeoseg``: serve the backend, segment a raster from the shell, manage weights.
 
 Each subcommand returns an exit code: 0 success, 1 failure (a readable message on stderr),
-2 bad usage, 130 interrupted.
+2 bad usage (and for ``weights download``: the server could not be reached), 130 interrupted.
 """
 
 from __future__ import annotations
