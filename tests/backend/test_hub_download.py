@@ -132,28 +132,9 @@ class _HubHandler(QuietHandler):
     def _send_file(self, commit: str, path: str):
         hub = self.hub
         body = hub.tampered.get(path, hub.commits[commit][path])
-        start = 0
-        range_header = self.headers.get("Range")
-        if range_header:
-            start = int(re.fullmatch(r"bytes=(\d+)-", range_header).group(1))
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        chunk = body[start:]
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(chunk)))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
         with hub.lock:
             cut = hub.cut_once.pop(path, None)
-        if cut is not None:
-            # Promise the whole body, deliver part of it, then drop the connection.
-            self.wfile.write(chunk[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(chunk)
+        self.send_file_body(body, cut_after=cut)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None):
         self.send_response(status)

@@ -55,33 +55,8 @@ class _Handler(QuietHandler):
         if body is None:
             self.send_error(404, "Not Found")
             return
-        start = 0
-        if range_header and state.honor_range:
-            match = re.fullmatch(r"bytes=(\d+)-", range_header)
-            assert match, range_header
-            start = int(match.group(1))
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        chunk = body[start:]
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(chunk)))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        if first and state.cut_first_after is not None:
-            # Promise the whole body, deliver part of it, then drop the connection.
-            self.wfile.write(chunk[: state.cut_first_after])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(chunk)
+        cut = state.cut_first_after if first else None
+        self.send_file_body(body, honor_range=state.honor_range, cut_after=cut)
 
 
 @pytest.fixture
