@@ -52,6 +52,14 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(chunk)
 
 
+def without_proxies(monkeypatch) -> None:
+    """Clear the proxy variables for a test: a proxy would swallow requests to 127.0.0.1."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+
+
 @contextmanager
 def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """Serve ``handler`` on a free loopback port; yields the base URL (no trailing slash)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants as hub_constants
-from tests.backend.loopback_http import QuietHandler, serving
+from tests.backend.loopback_http import QuietHandler, serving, without_proxies
 from tests.conftest import REPO, backend_python
 
 from unigeoseg_backend import weights
@@ -170,10 +170,7 @@ def isolated(monkeypatch, tmp_path):
     telemetry (which would look up huggingface.co from inside the hub client)."""
     monkeypatch.setenv("UNIGEOSEG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("UNIGEOSEG_MODEL", raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-                "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "*")
+    without_proxies(monkeypatch)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_TELEMETRY", True)
 

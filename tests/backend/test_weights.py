@@ -13,7 +13,7 @@ from pathlib import Path
 
 import platformdirs
 import pytest
-from tests.backend.loopback_http import QuietHandler, serving
+from tests.backend.loopback_http import QuietHandler, serving, without_proxies
 
 from unigeoseg_backend import weights
 from unigeoseg_backend.cli.weights import add_weights_parser
@@ -72,10 +72,7 @@ def isolated(monkeypatch, tmp_path):
     """Cache in tmp_path, no proxies (they would swallow 127.0.0.1), no mirror override."""
     monkeypatch.setenv("UNIGEOSEG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("UNIGEOSEG_WEIGHTS_BASE_URL", raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-                "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "*")
+    without_proxies(monkeypatch)
 
 
 def register(monkeypatch, server, **overrides) -> WeightSpec:
