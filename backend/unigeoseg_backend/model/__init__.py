@@ -9,6 +9,8 @@ training ``forward``), ``swin.py``, ``connector.py``, ``language.py`` (Phi-1.5),
 ``heads.py`` (TATE, LKM, SEG query), ``pixel_decoder.py``/``ms_deform_attn.py``,
 ``mask_decoder.py``, ``prompting.py`` (tokenised prompts and labels), ``preprocess.py``
 (letterbox), ``cuda_graphs.py``, ``registry.py`` (named configs), ``manifest.py``;
-checkpoints: ``conversion.py`` (names), ``weight_files.py`` (reading), ``release_config.py``
-(config.json), ``checkpoint.py`` (load/save of a release folder).
+checkpoints: ``conversion.py`` (names), ``weight_files.py`` (reading, strict comparison),
+``release_config.py`` (config.json), ``checkpoint.py`` (load/save of a release folder),
+``components.py`` (a training start from Mask2Former and Phi-1.5 files); ``recompute.py``
+(gradient checkpointing).
 """

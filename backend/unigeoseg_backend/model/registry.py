@@ -54,9 +54,10 @@ def get_config(name: str) -> UniGeoSegConfig:
     return MODEL_CONFIGS[name]()
 
 
-def tiny_tokenizer(vocab_size: int = 400):
+def tiny_tokenizer(vocab_size: int = 400, *, with_special_tokens: bool = True):
     """A small byte-level BPE tokenizer (like Phi's) trained here, offline, on the prompt
-    templates, with ``[PAD]`` and ``[SEG]`` added: the text side of the tiny configurations."""
+    templates, with ``[PAD]`` and ``[SEG]`` added (unless ``with_special_tokens`` is False:
+    then it stands for Phi-1.5's own tokenizer): the text side of the tiny configurations."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -79,5 +80,6 @@ def tiny_tokenizer(vocab_size: int = 400):
     bpe.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
                                         eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    add_special_tokens(tokenizer)
+    if with_special_tokens:
+        add_special_tokens(tokenizer)
     return tokenizer

@@ -119,7 +119,8 @@ _COMPONENTS = (("model.vision_tower.", "vision_tower"), ("model.mm_projector.", 
                ("heads.", "heads"))
 
 
-def _component(name: str) -> str:
+def component_of(name: str) -> str:
+    """The ``trainable_parameter_groups`` group of a parameter name."""
     return next(group for prefix, group in _COMPONENTS if name.startswith(prefix))
 
 
@@ -209,7 +210,7 @@ class UniGeoSeg(nn.Module):
         groups: dict[str, dict[str, nn.Parameter]] = {}
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
-                groups.setdefault(_component(name), {})[name] = parameter
+                groups.setdefault(component_of(name), {})[name] = parameter
         return groups
 
     def set_gradient_checkpointing(self, language: bool = True, *, vision_tower: bool = False,
