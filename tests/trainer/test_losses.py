@@ -11,6 +11,7 @@ from unigeoseg_trainer.losses import (
     IGNORE_INDEX,
     PointSampling,
     TrainingLoss,
+    labelled_tokens,
     lm_cross_entropy,
     mask_losses,
     mean_mask_count,
@@ -138,6 +139,18 @@ def test_lm_cross_entropy_ignores_unlabelled_positions():
     nothing = lm_cross_entropy(logits.requires_grad_(), torch.full((2, 5), IGNORE_INDEX))
     assert nothing.item() == 0.0
     nothing.backward()                                   # no NaN, graph intact
+
+
+def test_lm_cross_entropy_divides_the_sum_by_the_given_token_count():
+    torch.manual_seed(6)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    labels[0, 1], labels[0, 2], labels[1, 4] = 3, 4, 7
+    assert labelled_tokens(labels) == 3
+    summed = 3 * lm_cross_entropy(logits, labels)
+    # e.g. 3 tokens here and 5 on the other process: 4 per process
+    assert lm_cross_entropy(logits, labels, num_tokens=4.0).item() == pytest.approx(
+        summed.item() / 4, rel=1e-6)
 
 
 def test_text_loss_is_added_with_its_weight():

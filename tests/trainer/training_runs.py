@@ -20,18 +20,20 @@ TINY = "unigeoseg-tiny-sparseconv"
 
 def write_local_dataset(root: Path, images: list[np.ndarray], masks: list[np.ndarray],
                         instruction: str = "the water", task: str = "referring",
-                        split: str = "train") -> Path:
+                        split: str = "train", answers: list[str] | None = None) -> Path:
     """A ``local`` dataset: PNG images (H x W x 3 uint8) and masks (H x W bool) listed in
-    ``<split>.jsonl``."""
+    ``<split>.jsonl``; ``answers`` (one per image) fill ``<answer>`` (reasoning)."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
     lines = []
     for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
         Image.fromarray(image).save(root / "images" / f"{i}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
-        lines.append(json.dumps({"id": f"chip-{i}", "image": f"images/{i}.png",
-                                 "mask": f"masks/{i}.png", "instruction": instruction,
-                                 "task": task}))
+        record = {"id": f"chip-{i}", "image": f"images/{i}.png", "mask": f"masks/{i}.png",
+                  "instruction": instruction, "task": task}
+        if answers is not None:
+            record["answer"] = answers[i]
+        lines.append(json.dumps(record))
     (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
@@ -105,9 +107,16 @@ def trainer_env(threads: int = 1) -> dict[str, str]:
             "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
 
 
-def run_trainer(config: Path, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    """``python -m unigeoseg_trainer CONFIG`` to its end."""
-    return subprocess.run([sys.executable, "-m", "unigeoseg_trainer", str(config)],
+#: The trainer's command line after the interpreter; NO_DROPOUT: the same with every
+#: dropout of the model at 0 (trainer_without_dropout.py).
+TRAINER = ["-m", "unigeoseg_trainer"]
+NO_DROPOUT = [str(Path(__file__).with_name("trainer_without_dropout.py"))]
+
+
+def run_trainer(config: Path, timeout_s: float = 240, entry: list[str] = TRAINER
+                ) -> subprocess.CompletedProcess:
+    """``python -m unigeoseg_trainer CONFIG`` (or another ``entry``) to its end."""
+    return subprocess.run([sys.executable, *entry, str(config)],
                           env=trainer_env(), capture_output=True, text=True,
                           timeout=timeout_s)
 

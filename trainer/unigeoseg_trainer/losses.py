@@ -10,7 +10,8 @@ As UniGeoSeg's criterion (Mask2Former's, with one query and one target per sampl
   ``1 - (2 sum(p g) + 1) / (sum(p) + sum(g) + 1)``, each summed over the masks and divided by
   the number of masks per process (all-reduced over the processes, at least 1);
 - ``loss = sum over outputs (bce_weight * bce + dice_weight * dice) + lm_weight * lm``, where
-  ``lm`` is the next-token cross-entropy on the answer tokens (reasoning samples).
+  ``lm`` is the next-token cross-entropy summed over the answer tokens (reasoning samples)
+  and divided, like the mask losses, by the labelled tokens per process (all-reduced).
 
 Frames: predictions are ``B x 1 x h x w`` logits (the model's mask-feature resolution, 128 for
 a 512 input), targets ``B x H x W`` (the letterboxed 512 input). Point coordinates are
@@ -134,29 +135,47 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor, num_masks: float,
             dice(point_logits, point_labels, num_masks))
 
 
-def mean_mask_count(world: World, local_masks: int) -> float:
-    """Masks per process, averaged over the processes of ``world``, at least 1.
+def mean_count_per_process(world: World, local_count: int) -> float:
+    """A count (masks, labelled tokens) per process, averaged over the processes of
+    ``world``, at least 1.
 
     Each process divides its summed losses by this; averaging the gradients over the
-    processes then divides the sum over every mask of the global batch by its total count.
+    processes then divides the sum over the whole global batch by its total count, so N
+    processes train like one with the same global batch.
     """
-    return max(sum_over_ranks(world, float(local_masks)) / world.size, 1.0)
+    return max(sum_over_ranks(world, float(local_count)) / world.size, 1.0)
 
 
-def lm_cross_entropy(lm_logits: torch.Tensor, lm_labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions.
+def mean_mask_count(world: World, local_masks: int) -> float:
+    """The normaliser of the mask losses: :func:`mean_count_per_process` of the masks."""
+    return mean_count_per_process(world, local_masks)
+
+
+def labelled_tokens(lm_labels: torch.Tensor) -> int:
+    """How many positions of ``lm_labels`` have a next-token target (a device sync)."""
+    return int((lm_labels != IGNORE_INDEX).sum())
+
+
+def lm_cross_entropy(lm_logits: torch.Tensor, lm_labels: torch.Tensor,
+                     num_tokens: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over labelled positions, divided by ``num_tokens``.
 
     Args:
         lm_logits: B x T x V logits.
         lm_labels: B x T targets already aligned with the logits; IGNORE_INDEX elsewhere.
+        num_tokens: the normaliser: :func:`mean_count_per_process` of the labelled tokens
+            in training (so that the mean is over every process's tokens); None: this
+            batch's labelled positions (the mean over them), without a device sync.
 
     Returns 0 (keeping the graph) when no position is labelled, where a plain mean would
-    give NaN; no device sync either way.
+    give NaN.
     """
     labels = lm_labels.reshape(-1)
     summed = F.cross_entropy(lm_logits.float().reshape(-1, lm_logits.shape[-1]), labels,
                              ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    if num_tokens is None:
+        return summed / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return summed / num_tokens
 
 
 @dataclass(frozen=True)
@@ -179,7 +198,7 @@ class TrainingLoss:
 
     def __call__(self, mask_logits: Sequence[torch.Tensor], targets: torch.Tensor,
                  num_masks: float, *, lm_logits: torch.Tensor | None = None,
-                 lm_labels: torch.Tensor | None = None,
+                 lm_labels: torch.Tensor | None = None, num_tokens: float | None = None,
                  generator: Generators = None) -> LossResult:
         """Args:
             mask_logits: one B x 1 x h x w tensor per decoder output (the last: prediction).
@@ -187,6 +206,7 @@ class TrainingLoss:
             num_masks: :func:`mean_mask_count` of the batch.
             lm_logits, lm_labels: the language model's B x T x V logits and aligned B x T
                 targets, or None (no text loss).
+            num_tokens: the LM loss's normaliser (:func:`lm_cross_entropy`).
 
         Terms: ``loss_mask`` / ``loss_dice`` of the prediction, ``loss_mask_all`` /
         ``loss_dice_all`` summed over every output, ``loss_lm`` if there is text, ``loss``.
@@ -201,7 +221,7 @@ class TrainingLoss:
         terms = {"loss_mask": per_output[-1][0], "loss_dice": per_output[-1][1],
                  "loss_mask_all": bce_all, "loss_dice_all": dice_all}
         if lm_logits is not None and lm_labels is not None:
-            lm = lm_cross_entropy(lm_logits, lm_labels)
+            lm = lm_cross_entropy(lm_logits, lm_labels, num_tokens)
             total = total + self.lm_weight * lm
             terms["loss_lm"] = lm
         terms["loss"] = total

@@ -79,7 +79,13 @@ from . import checkpointing
 from .config import ConfigError, TrainConfig, load_config
 from .data import Batch, Mixture, ReadFailures, load_batch, open_mixture
 from .lora import add_lora, merged_model
-from .losses import PointSampling, TrainingLoss, mean_mask_count
+from .losses import (
+    PointSampling,
+    TrainingLoss,
+    labelled_tokens,
+    mean_count_per_process,
+    mean_mask_count,
+)
 from .metrics_log import MetricsLog, Throughput, progress_line
 from .models import build_model, freeze
 from .sampler import BatchPlan, TaskBatchSampler
@@ -359,9 +365,11 @@ def train_step(run: Run, failures: ReadFailures) -> StepResult:
             generators = [sample_generator(config.run.seed, plan.index, place, run.device)
                           for place in batch.places]
             num_masks = mean_mask_count(world, len(batch) if weight else 0)
+            num_tokens = mean_count_per_process(
+                world, labelled_tokens(outputs.lm_labels) if weight else 0)
             result = run.loss(outputs.mask_logits, batch.targets.to(run.device), num_masks,
                               lm_logits=outputs.lm_logits, lm_labels=outputs.lm_labels,
-                              generator=generators)
+                              num_tokens=num_tokens, generator=generators)
             (result.total * (weight / accumulation)).backward()
         for name, value in result.terms.items():
             summed[name] = summed.get(name, 0) + value * weight / accumulation
