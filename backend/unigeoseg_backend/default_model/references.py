@@ -62,8 +62,8 @@ def closing_3x3(mask: np.ndarray) -> np.ndarray:
     """Morphological closing with a 3 x 3 square: dilation, then erosion. Outside the grid
     counts as background for the dilation and as foreground for the erosion, so the closing
     never removes a pixel (the result contains ``mask``)."""
-    dilated = _neighbourhoods(mask, False).any(axis=(-2, -1))
-    return _neighbourhoods(dilated, True).all(axis=(-2, -1))
+    dilated = np.asarray(_neighbourhoods(mask, False).any(axis=(-2, -1)))
+    return np.asarray(_neighbourhoods(dilated, True).all(axis=(-2, -1)))
 
 
 def component_sizes(mask: np.ndarray) -> np.ndarray:

@@ -244,24 +244,28 @@ def read_scene(scene: Scene, bands: tuple[str, ...] | None = None,
             and window.row_off + window.height <= scene.height):
         raise ValueError(f"{window} is not inside the {scene.width} x {scene.height} grid "
                          f"of {scene.name}")
+    with _open(scene.path(bands[0]), scene.georeferenced) as first:
+        full_transform, crs = scene_transform(scene, first)
+        nodata = first.nodata
     planes = []
-    transform = crs = nodata = None
     for name in bands:
-        source = scene.bands[name]
         with _open(scene.path(name), scene.georeferenced) as dataset:
-            planes.append(dataset.read(source.band, window=window))
-            if transform is None:
-                full_transform, crs = scene_transform(scene, dataset)
-                transform = window_transform(window, full_transform)
-                nodata = dataset.nodata
-    return SceneChip(np.stack(planes), bands, window, transform, crs, scene.gsd_m, nodata)
+            planes.append(dataset.read(scene.bands[name].band, window=window))
+    return SceneChip(np.stack(planes), bands, window, window_transform(window, full_transform),
+                     crs, scene.gsd_m, nodata)
 
 
 def read_voc_boxes(path: Path) -> np.ndarray:
     """Boxes of a Pascal VOC annotation, N x 4 float64 ``(col_min, row_min, col_max, row_max)``
     in pixel-edge coordinates of the image (deepforest's convention: ``xmin``..``xmax``)."""
+    def edge(obj: ElementTree.Element, key: str) -> float:
+        text = obj.findtext(f"bndbox/{key}")
+        if text is None:
+            raise ValueError(f"{path}: an object without bndbox/{key}")
+        return float(text)
+
     root = ElementTree.parse(path).getroot()
-    boxes = [[float(obj.findtext(f"bndbox/{key}")) for key in ("xmin", "ymin", "xmax", "ymax")]
+    boxes = [[edge(obj, key) for key in ("xmin", "ymin", "xmax", "ymax")]
              for obj in root.iter("object")]
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 

@@ -173,7 +173,8 @@ def instruction_core(instruction: str) -> str:
     """The instruction in lower case, trimmed of punctuation at its ends and of leading
     command words and determiners ("Segment all the lakes." -> "lakes")."""
     text = " ".join(instruction.lower().split()).strip(" .!?,;:")
-    return text[_COMMAND.match(text).end():].strip()
+    command = _COMMAND.match(text)   # every part of the pattern is optional: always matches
+    return text[command.end() if command else 0:].strip()
 
 
 @dataclass(frozen=True)
