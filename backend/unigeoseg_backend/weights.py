@@ -525,8 +525,7 @@ def status() -> list[WeightStatus]:
         verified = _remembered_state([(spec.expected, final)]) if final.is_file() else None
         rows.append(WeightStatus(spec.name, spec.size_bytes, downloaded, final, partial,
                                  "sam", verified))
-    for spec in HUB_MODELS.values():
-        rows.append(_hub_status(spec))
+    rows.extend(_hub_status(hub_spec) for hub_spec in HUB_MODELS.values())
     if models_dir().is_dir():
         for model in sorted(models_dir().iterdir()):
             if (model.name in HUB_MODELS or model.name.startswith(".")
@@ -789,14 +788,13 @@ def download_model(name: str, *, models_folder: str | os.PathLike[str] | None = 
         raise WeightsError(f"{final} exists and is not a download of {spec.repo_id} (no "
                            f"{HUB_LOCK_FILE}); move it away or pass --model {final}",
                            {"path": str(final)})
-    if existing is not None and spec.commit in (None, existing.commit):
+    repairable = existing is not None and spec.commit in (None, existing.commit)
+    if repairable:
         result = verify_model(spec.name, final)
         if result.ok:
             logger.info("%s already present at %s (%s)", spec.name, final, result.reason)
             return final
         logger.warning("%s: %s; repairing it", final, result.reason)
-        if not staging.exists():  # its good files are reused, the bad ones fetched again
-            os.replace(final, staging)
 
     from huggingface_hub import constants as hub_constants
 
@@ -805,6 +803,8 @@ def download_model(name: str, *, models_folder: str | os.PathLike[str] | None = 
             f"Cannot download {spec.name} from {spec.repo_id}: HF_HUB_OFFLINE is set. Unset "
             "it, or copy a released model folder here and pass --model PATH.",
             {"name": spec.name, "repo_id": spec.repo_id, "offline": True})
+    if repairable and not staging.exists():  # good files are kept, bad ones fetched again
+        os.replace(final, staging)
 
     lock = HubLock.read(staging) if staging.is_dir() else None
     if lock is not None and spec.commit not in (None, lock.commit):
