@@ -88,7 +88,8 @@ def test_the_merged_export_gives_the_masks_of_the_lora_model_in_memory(tmp_path)
     with torch.no_grad():
         in_memory = adapted(images, prompts).mask_logits[-1]
         from_export = loaded.model.eval()(images, prompts).mask_logits[-1]
-        merged_here = merged_model(adapted)(images, prompts).mask_logits[-1]
+        merged = merged_model(adapted, LoraSettings(enabled=True))
+        merged_here = merged(images, prompts).mask_logits[-1]
     torch.testing.assert_close(from_export, in_memory, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged_here, from_export, atol=0, rtol=0)
     assert torch.equal(from_export > 0, in_memory > 0)

@@ -100,7 +100,7 @@ def test_swin_and_the_unread_heads_are_frozen_and_swin_stays_in_eval_mode(tmp_pa
     ({"batch": {"global_batch": 3}}, "batch.global_batch"),
     ({"model": {"architecture": "unigeoseg-huge"}}, "model.architecture"),
     ({"model": {"freeze": ["eyes"]}}, "model.freeze"),
-    ({"distributed": {"fsdp": True}}, "distributed.fsdp"),
+    ({"lora": {"rank": 0}}, "lora.rank"),
 ])
 def test_config_errors_name_the_key_before_any_work(tmp_path, chips, capsys, changes, key):
     path = _config(tmp_path, chips, **changes)

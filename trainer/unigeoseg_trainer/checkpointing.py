@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``<root>/step_<step:08d>/``::
 
-    model.safetensors       the model's state dict (shared tensors stored once)
+    model.safetensors       the model's full state dict (gathered from the shards under FSDP)
     optimizer.safetensors   every tensor of the optimizer state, as ``state.<i>.<name>`` and
                             ``param_groups.<g>.<name>``
     rng.safetensors         the torch / CUDA / numpy generator states of every process,
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """The name of every parameter of each optimizer group, in the optimizer's order."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     try:
@@ -118,10 +118,8 @@ def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         raise CheckpointError("the optimizer holds a parameter the model does not") from exc
 
 
-def flatten_optimizer(optimizer: torch.optim.Optimizer
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` as (tensors, JSON-able rest)."""
-    full = optimizer.state_dict()
+def flatten_optimizer(full: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An ``optimizer.state_dict()`` as (tensors, JSON-able rest)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entries in full["state"].items():
@@ -161,6 +159,28 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]
 # --- the checkpoint folder -----------------------------------------------------------------
 
 @dataclass
+class CheckpointTensors:
+    """The model and optimizer side of a checkpoint, as plain (unsharded) values.
+
+    Attributes:
+        model: the model's full state dict.
+        optimizer: the optimizer's state in ``optimizer.state_dict()`` form (parameters as
+            integer positions, in group order).
+        param_names: the name of every parameter of each optimizer group, in that order.
+    """
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    param_names: list[list[str]]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> CheckpointTensors:
+        """The tensors of an unsharded model and its optimizer."""
+        return cls(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                   param_names=parameter_names(model, optimizer))
+
+
+@dataclass
 class TrainingState:
     """Everything a checkpoint holds besides the model and optimizer tensors.
 
@@ -196,12 +216,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 state: TrainingState) -> None:
+def _write_files(folder: Path, tensors: CheckpointTensors, state: TrainingState) -> None:
     """The four files of a checkpoint into ``folder`` (state.json last), each fsynced."""
-    save_model(model, str(folder / "model.safetensors"))
-    optimizer_tensors, optimizer_rest = flatten_optimizer(optimizer)
-    optimizer_rest["param_names"] = _parameter_names(model, optimizer)
+    save_file({name: t.detach().contiguous() for name, t in tensors.model.items()},
+              str(folder / "model.safetensors"))
+    optimizer_tensors, optimizer_rest = flatten_optimizer(tensors.optimizer)
+    optimizer_rest["param_names"] = tensors.param_names
     save_file(optimizer_tensors, str(folder / "optimizer.safetensors"))
     rng_tensors = {f"rank{r}.{k}": v.contiguous()
                    for r, s in enumerate(state.rng) for k, v in s.tensors.items()}
@@ -232,6 +252,12 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module,
     Returns:
         The checkpoint folder.
     """
+    return save_checkpoint_tensors(root, CheckpointTensors.of(model, optimizer), state, keep)
+
+
+def save_checkpoint_tensors(root: str | Path, tensors: CheckpointTensors,
+                            state: TrainingState, keep: int | None = None) -> Path:
+    """:func:`save_checkpoint` of tensors already gathered (a sharded model's full state)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
@@ -239,7 +265,7 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module,
     shutil.rmtree(partial, ignore_errors=True)      # left by a process killed while saving
     partial.mkdir()
     try:
-        _write_files(partial, model, optimizer, state)
+        _write_files(partial, tensors, state)
         _fsync_dir(partial)
         if final.exists():                          # saving the same step again
             shutil.rmtree(final)
@@ -310,13 +336,32 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module,
         raise CheckpointError(f"{folder}: model tensors missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
     if optimizer is not None:
-        saved_names = manifest["optimizer"]["param_names"]
-        names = _parameter_names(model, optimizer)
-        if saved_names != names:
-            raise CheckpointError(f"{folder}: the optimizer was saved over other parameters "
-                                  f"(groups or order differ)")
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-        optimizer.load_state_dict(unflatten_optimizer(tensors, manifest["optimizer"]))
+        checkparameter_names(folder, parameter_names(model, optimizer))
+        optimizer.load_state_dict(read_optimizer_state(folder))
+    return _training_state(folder, manifest)
+
+
+def checkparameter_names(folder: str | Path, names: list[list[str]]) -> None:
+    """Raise CheckpointError unless the checkpoint's optimizer was saved over ``names``
+    (per group, in order)."""
+    if _read_manifest(Path(folder))["optimizer"]["param_names"] != names:
+        raise CheckpointError(f"{folder}: the optimizer was saved over other parameters "
+                              f"(groups or order differ)")
+
+
+def read_optimizer_state(folder: str | Path) -> dict[str, Any]:
+    """The checkpoint's optimizer state in ``optimizer.state_dict()`` form."""
+    folder = Path(folder)
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    return unflatten_optimizer(tensors, _read_manifest(folder)["optimizer"])
+
+
+def read_training_state(folder: str | Path) -> TrainingState:
+    """Everything of a checkpoint but the model and optimizer tensors."""
+    return _training_state(Path(folder), _read_manifest(Path(folder)))
+
+
+def _training_state(folder: Path, manifest: dict[str, Any]) -> TrainingState:
     rng_tensors = load_file(str(folder / "rng.safetensors"))
     rng = []
     for r, scalars in enumerate(manifest["rng"]):

@@ -21,11 +21,11 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import nn
 
 from unigeoseg_backend.model.unigeoseg import UniGeoSeg
 
 from .config import ConfigError, LoraSettings
+from .models import plain_model
 
 ADAPTER = "default"                 #: peft's adapter name
 #: The language model's decoder (frozen under LoRA, apart from its adapters).
@@ -79,42 +79,27 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def has_lora(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(module, LoraLayer) for module in model.modules())
-
-
 @torch.no_grad()
-def merged_state_dict(model: UniGeoSeg) -> dict[str, torch.Tensor]:
-    """The plain model's state dict of an adapted model: every adapted weight merged
-    (``W + scale * B A``, computed in float32 and stored in W's dtype), the adapters
-    dropped, every other tensor shared, not copied. The adapted model is not changed."""
-    from peft.tuners.lora import LoraLayer
-
-    merged: dict[str, torch.Tensor] = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            weight = module.get_base_layer().weight
-            delta = module.get_delta_weight(ADAPTER)
-            merged[f"{prefix}.weight"] = (weight.float() + delta.float()).to(weight.dtype)
-    state = {}
-    for name, tensor in model.state_dict().items():
+def merge_adapters(state: dict[str, torch.Tensor], settings: LoraSettings
+                   ) -> dict[str, torch.Tensor]:
+    """The plain model's state dict from an adapted model's (full) one: each adapted weight
+    merged as peft merges it, ``W + (B @ A) * alpha / r`` (in float32, stored in W's dtype),
+    the adapters dropped, every other tensor passed on as it is (not copied)."""
+    scale = settings.alpha / settings.rank
+    plain = {}
+    for name, tensor in state.items():
         if is_lora_parameter(name):
             continue
-        plain = base_name(name)
-        state[plain] = merged.get(plain, tensor)
-    return state
+        if name.endswith(".base_layer.weight"):
+            prefix = name[:-len(".base_layer.weight")]
+            a = state[f"{prefix}.lora_A.{ADAPTER}.weight"].float()
+            b = state[f"{prefix}.lora_B.{ADAPTER}.weight"].float()
+            tensor = (tensor.float() + (b @ a) * scale).to(tensor.dtype)
+        plain[base_name(name)] = tensor
+    return plain
 
 
-def merged_model(model: UniGeoSeg) -> UniGeoSeg:
-    """A plain ``UniGeoSeg`` with the adapters merged (see :func:`merged_state_dict`), in
-    eval mode, on the adapted model's device, sharing its unadapted tensors."""
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):   # no draw, no memory
-        plain = UniGeoSeg(model.config)
-    plain.load_state_dict(merged_state_dict(model), strict=True, assign=True)
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    for prefix, module in plain.named_modules():   # the buffers no state dict holds
-        for name in module._non_persistent_buffers_set:
-            module._buffers[name] = buffers[f"{prefix}.{name}" if prefix else name]
-    return plain.eval()
+def merged_model(model: UniGeoSeg, settings: LoraSettings) -> UniGeoSeg:
+    """A plain ``UniGeoSeg`` with the adapters of ``model`` (unsharded) merged, in eval
+    mode, sharing its unadapted tensors; ``model`` is not changed."""
+    return plain_model(model.config, merge_adapters(model.state_dict(), settings), model)

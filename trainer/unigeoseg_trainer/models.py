@@ -28,7 +28,7 @@ import torch
 from unigeoseg_backend.model.checkpoint import clear_cache, load_released
 from unigeoseg_backend.model.prompting import add_special_tokens
 from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
-from unigeoseg_backend.model.unigeoseg import UniGeoSeg
+from unigeoseg_backend.model.unigeoseg import UniGeoSeg, UniGeoSegConfig
 
 from .config import ModelConfig
 
@@ -66,3 +66,19 @@ def freeze(model: UniGeoSeg, components: Iterable[str]) -> None:
         if name in groups:
             for parameter in params.values():
                 parameter.requires_grad_(False)
+
+
+def plain_model(config: UniGeoSegConfig, state: dict[str, torch.Tensor],
+                buffers_of: torch.nn.Module) -> UniGeoSeg:
+    """A ``UniGeoSeg`` holding ``state`` (a full state dict with the plain model's names:
+    assigned, not copied) and the buffers no state dict holds taken from ``buffers_of`` (a
+    model of the same architecture: sharded, adapted, or trained), in eval mode. Validation
+    and the export see the trained model through it."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):   # no draw, no memory
+        model = UniGeoSeg(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    buffers = dict(buffers_of.named_buffers(remove_duplicate=False))
+    for prefix, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            module._buffers[name] = buffers[f"{prefix}.{name}" if prefix else name]
+    return model.eval()

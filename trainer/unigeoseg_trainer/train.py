@@ -59,6 +59,7 @@ import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from unigeoseg_backend.distributed import (
@@ -75,10 +76,10 @@ from unigeoseg_backend.distributed import (
 from unigeoseg_backend.errors import WeightsError
 from unigeoseg_backend.model.unigeoseg import UniGeoSeg
 
-from . import checkpointing
+from . import checkpointing, sharding
 from .config import ConfigError, TrainConfig, load_config
 from .data import Batch, Mixture, ReadFailures, load_batch, open_mixture
-from .lora import add_lora, merged_model
+from .lora import add_lora, merge_adapters
 from .losses import (
     PointSampling,
     TrainingLoss,
@@ -87,7 +88,7 @@ from .losses import (
     mean_mask_count,
 )
 from .metrics_log import MetricsLog, Throughput, progress_line
-from .models import build_model, freeze
+from .models import build_model, freeze, plain_model
 from .sampler import BatchPlan, TaskBatchSampler
 from .schedule import LearningRateSchedule, TaskSchedule
 from .validation import Validator
@@ -160,7 +161,7 @@ class Run:
 
     config: TrainConfig
     world: World
-    model: UniGeoSeg                # the plain model (checkpoints, export, validation)
+    model: UniGeoSeg                # the model being trained (sharded in place under FSDP)
     wrapped: nn.Module              # what the step calls: DDP(model) or the model
     tokenizer: Any
     optimizer: torch.optim.Optimizer
@@ -179,10 +180,22 @@ class Run:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 shards the model (``distributed.fsdp`` with more than one process)."""
+        return self.config.distributed.fsdp and self.world.distributed
+
     def plain_model(self) -> UniGeoSeg:
-        """The model as it leaves the trainer (validation, export): LoRA adapters merged
-        into a plain UniGeoSeg, or the model itself."""
-        return merged_model(self.model) if self.config.lora.enabled else self.model
+        """The model as it leaves the trainer (validation, export): a plain UniGeoSeg with
+        the full parameters (gathered from the shards; every process must call it then)
+        and the LoRA adapters merged, or the model itself when it is neither."""
+        if not (self.sharded or self.config.lora.enabled):
+            return self.model
+        state = (sharding.full_model_state(self.model, on_rank0_cpu=False) if self.sharded
+                 else self.model.state_dict())
+        if self.config.lora.enabled:
+            state = merge_adapters(state, self.config.lora)
+        return plain_model(self.model.config, state, self.model)
 
 
 def enable_activation_checkpointing(model: UniGeoSeg) -> None:
@@ -223,9 +236,6 @@ def prepare(config: TrainConfig) -> Run:
     """
     world = start_world(config)
     config.check_world(world.size)
-    if config.distributed.fsdp:
-        raise ConfigError("distributed.fsdp", "FSDP2 sharding is not implemented yet; "
-                                              "this trainer runs DDP")
     if not config.model.init and not config.model.architecture:
         raise ConfigError("model.init", "give model.init (a released-layout folder) or "
                                         "model.architecture (random initialisation)")
@@ -239,6 +249,10 @@ def prepare(config: TrainConfig) -> Run:
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     set_train_mode(model)
+    if config.distributed.fsdp and world.distributed:
+        sharding.shard(model, world.device, config.model.precision)
+    elif config.distributed.fsdp:
+        logger.warning("distributed.fsdp with one process: nothing to shard")
     optimizer = build_optimizer(model, config)
     lr_schedule = LearningRateSchedule.from_ratio(config.optim.lr, config.optim.min_lr,
                                                   config.optim.warmup_ratio,
@@ -258,7 +272,7 @@ def prepare(config: TrainConfig) -> Run:
               loss=loss, validator=validator)
     if config.run.resume:
         resume(run)
-    if world.distributed:
+    if world.distributed and not run.sharded:
         # Every trainable parameter is read by every forward (frozen ones excluded, the
         # LM head always computed): no unused-parameter search.
         run.wrapped = DistributedDataParallel(
@@ -272,7 +286,8 @@ def resume(run: Run) -> None:
     folder = checkpointing.latest_checkpoint(run.output_dir / CHECKPOINTS)
     if folder is None:
         return
-    state = checkpointing.load_checkpoint(folder, run.model, run.optimizer)
+    load = sharding.load_checkpoint if run.sharded else checkpointing.load_checkpoint
+    state = load(folder, run.model, run.optimizer)
     if state.lr_schedule and state.lr_schedule != asdict(run.lr_schedule):
         logger.warning("the learning-rate schedule changed since %s: %s -> %s", folder,
                        state.lr_schedule, asdict(run.lr_schedule))
@@ -290,15 +305,19 @@ def resume(run: Run) -> None:
 def save(run: Run) -> Path | None:
     """A checkpoint of the current step (written by rank 0; every rank waits for it)."""
     rng = gather_rng_states(run.world)
+    tensors = (sharding.checkpoint_tensors(run.model, run.optimizer) if run.sharded
+               else None)                   # gathered on rank 0 by every process
     folder = None
     if run.world.is_main:
         state = checkpointing.TrainingState(
             step=run.step, sampler=run.sampler.state_dict(),
             lr_schedule=asdict(run.lr_schedule), rng=rng,
             extra={"world_size": run.world.size})
-        folder = checkpointing.save_checkpoint(run.output_dir / CHECKPOINTS, run.model,
-                                               run.optimizer, state,
-                                               keep=run.config.run.keep_checkpoints)
+        if tensors is None:
+            tensors = checkpointing.CheckpointTensors.of(run.model, run.optimizer)
+        folder = checkpointing.save_checkpoint_tensors(run.output_dir / CHECKPOINTS, tensors,
+                                                       state,
+                                                       keep=run.config.run.keep_checkpoints)
     barrier(run.world)
     return folder
 
@@ -318,6 +337,23 @@ class StepResult:
 def _autocast(run: Run):
     cuda_bf16 = run.device.type == "cuda" and run.config.model.precision == "bf16"
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda_bf16 else nullcontext()
+
+
+@contextmanager
+def _gradient_sync(run: Run, sync: bool) -> Iterator[None]:
+    """Gradients all-reduced (DDP) or reduce-scattered (FSDP) in this backward only when
+    ``sync`` (the step's last micro-batch); before it they accumulate locally."""
+    if sync or not run.world.distributed:
+        yield
+    elif run.sharded:
+        run.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            run.model.set_requires_gradient_sync(True)
+    else:
+        with run.wrapped.no_sync():
+            yield
 
 
 def micro_batches(run: Run, failures: ReadFailures
@@ -356,9 +392,7 @@ def train_step(run: Run, failures: ReadFailures) -> StepResult:
     samples = 0
     task, shares = "", {}
     for micro, (plan, batch, weight) in enumerate(micro_batches(run, failures)):
-        last = micro == accumulation - 1
-        sync = nullcontext() if last or not world.distributed else run.wrapped.no_sync()
-        with sync:
+        with _gradient_sync(run, micro == accumulation - 1):
             with _autocast(run):
                 outputs = run.wrapped(batch.images.to(run.device), batch.prompts,
                                       compute_lm_logits=True)
@@ -378,8 +412,10 @@ def train_step(run: Run, failures: ReadFailures) -> StepResult:
     if config.optim.grad_clip > 0:
         grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip)
     else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([
-            p.grad.detach().norm() for p in run.model.parameters() if p.grad is not None]))
+        grad_norm = nn.utils.get_total_norm(
+            [p.grad for p in run.model.parameters() if p.grad is not None])
+    if isinstance(grad_norm, DTensor):      # sharded: the norm over every shard
+        grad_norm = grad_norm.full_tensor()
     values = {name: sum_over_ranks(world, float(v)) / world.size for name, v in summed.items()}
     norm = float(grad_norm)
     if not all_true(world, all(math.isfinite(v) for v in values.values())
@@ -420,8 +456,9 @@ def export(run: Run) -> Path:
     from unigeoseg_backend.model.checkpoint import save_released
 
     path = run.output_dir / EXPORT
+    model = run.plain_model()               # every process: gathering the shards is collective
     if run.world.is_main:
-        save_released(run.plain_model(), run.tokenizer, path)
+        save_released(model, run.tokenizer, path)
         logger.info("model written to %s", path)
     barrier(run.world)
     return path
