@@ -188,7 +188,13 @@ def _plan(part: str, path: Path, tensors: Mapping[str, Tensor],
     """Which file tensor goes where for one part, checked against the model (strict)."""
     source_prefix, target_prefix = MASK2FORMER_PARTS[part]
     # Mask2Former name -> the name it is stored under (an alias or itself)
-    in_part = {MASK2FORMER_ALIASES.get(n, n): n for n in tensors if n.startswith(source_prefix)}
+    in_part: dict[str, str] = {}
+    for stored in (n for n in tensors if n.startswith(source_prefix)):
+        name = MASK2FORMER_ALIASES.get(stored, stored)
+        if name in in_part:
+            raise WeightsError(f"{path} holds both {in_part[name]} and {stored}",
+                               {"path": str(path), "duplicate_keys": [in_part[name], stored]})
+        in_part[name] = stored
     unused = sorted(n for n in in_part if _matches(n, NOT_IN_UNIGEOSEG))
     targets = {stored: MASK2FORMER_RENAMES.get(n, target_prefix + n[len(source_prefix):])
                for n, stored in in_part.items() if n not in unused}
@@ -411,16 +417,16 @@ def build_from_components(config: UniGeoSegConfig | None = None, *,
     """
     model = UniGeoSeg(config or UniGeoSegConfig())
     reports: list[ComponentReport] = []
-    read: dict[Path, dict[str, Tensor]] = {}
+    read: dict[Path, dict[str, Tensor]] = {}  # the official recipe reads one file twice
     for path, parts in ((swin_path, ("vision_tower",)),
                         (mask2former_path, ("pixel_decoder", "predictor"))):
         if path is None:
             continue
         key = Path(path).resolve()
         if key not in read:
-            read[key] = read_state_file(Path(path))
+            read[key] = read_state_file(key)
         reports += load_mask2former(model, path, parts, read[key])
-    read.clear()
+    del read
     tokenizer = None
     if language_dir is not None:
         report, tokenizer = load_language(model, language_dir)
