@@ -152,7 +152,7 @@ def _fill(model: UniGeoSeg, weights: WeightFiles, expected: Mapping[str, Any]) -
                 for target_name, value in released_to_model({name: tensor}, num_heads).items():
                     target = targets[target_name]
                     if target_name.endswith("relative_position_index"):
-                        check_position_index(target_name, value, target, targets)
+                        _check_position_index(target_name, value, target, targets)
                     target.copy_(value)
                     filled.add(target_name)
             del tensor
@@ -162,7 +162,7 @@ def _fill(model: UniGeoSeg, weights: WeightFiles, expected: Mapping[str, Any]) -
                            f"{listing(unfilled)}", {"missing_keys": unfilled})
 
 
-def check_position_index(name: str, loaded: Tensor, computed: Tensor,
+def _check_position_index(name: str, loaded: Tensor, computed: Tensor,
                           targets: Mapping[str, Tensor]) -> None:
     """A Swin ``relative_position_index`` must index its bias table; the model's own value
     is the standard one, so a different one is worth a warning."""
