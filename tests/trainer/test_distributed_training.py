@@ -19,6 +19,7 @@ unrelated directions.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import torch
 from training_runs import (
     NO_DROPOUT,
     TINY,
+    assert_bit_identical,
     run_trainer,
     synthetic_chips,
     tensors,
@@ -153,6 +155,17 @@ def test_two_fsdp_processes_train_like_two_ddp_processes(tmp_path, datasets, two
             assert saved[0][key].shape == saved[1][key].shape, key
             torch.testing.assert_close(saved[1][key], saved[0][key], atol=ATOL, rtol=RTOL,
                                        msg=key)
+    # and an FSDP run resumed from its step-2 checkpoint ends where the whole one ended
+    resumed = tmp_path / "fsdp-resumed"
+    config = _config(resumed, datasets, per_device=2, fsdp=True)
+    step_2 = checkpointing.checkpoint_name(2)
+    shutil.copytree(outs[1] / CHECKPOINTS / step_2, resumed / "out" / CHECKPOINTS / step_2)
+    again = _torchrun(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {resumed / 'out' / CHECKPOINTS / step_2}" in again.stderr
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert_bit_identical(tensors(resumed / "out" / CHECKPOINTS / final / name),
+                             tensors(outs[1] / CHECKPOINTS / final / name))
 
 
 def test_fsdp_shards_each_phi_layer_then_the_model():

@@ -336,12 +336,12 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module,
         raise CheckpointError(f"{folder}: model tensors missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
     if optimizer is not None:
-        checkparameter_names(folder, parameter_names(model, optimizer))
+        check_parameter_names(folder, parameter_names(model, optimizer))
         optimizer.load_state_dict(read_optimizer_state(folder))
     return _training_state(folder, manifest)
 
 
-def checkparameter_names(folder: str | Path, names: list[list[str]]) -> None:
+def check_parameter_names(folder: str | Path, names: list[list[str]]) -> None:
     """Raise CheckpointError unless the checkpoint's optimizer was saved over ``names``
     (per group, in order)."""
     if _read_manifest(Path(folder))["optimizer"]["param_names"] != names:
