@@ -74,11 +74,19 @@ FREEZABLE = ("swin", "vision_tower", "connector", "language", "pixel_decoder", "
              "heads")
 
 
+#: ``[model]`` keys naming pretrained parts (``models.build_model``).
+COMPONENTS = ("swin", "mask2former", "language")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     init: str = ""                  #: released-layout model directory to start from
     architecture: str = ""          #: or a registry configuration, randomly initialised
     tokenizer: str = ""             #: its tokenizer folder (tiny architectures have their own)
+    #: Pretrained parts loaded into ``architecture`` (the rest stays random):
+    swin: str = ""                  #: a Mask2Former checkpoint file: Swin from backbone.*
+    mask2former: str = ""           #: a Mask2Former checkpoint file: pixel and mask decoders
+    language: str = ""              #: a transformers Phi folder (weights, config, tokenizer)
     freeze: tuple[str, ...] = ("swin",)      #: components kept fixed (Swin-B: frozen)
     gradient_checkpointing: bool = True
     precision: str = "bf16"         #: "bf16" autocast on CUDA, "fp32"; the CPU always runs fp32
@@ -250,7 +258,8 @@ def parse_config(raw: dict[str, Any], *, base_dir: str | Path = ".",
                          datasets=_datasets(validation_entries, "validation.datasets", base))
     model = sections["model"]
     model = replace(model, **{key: _relative_to(getattr(model, key), base)
-                              for key in ("init", "tokenizer") if getattr(model, key)})
+                              for key in ("init", "tokenizer", *COMPONENTS)
+                              if getattr(model, key)})
     run = replace(sections["run"], output_dir=_relative_to(sections["run"].output_dir, base))
     config = TrainConfig(datasets=datasets, validation=validation,
                          **{**sections, "model": model, "run": run})
@@ -385,16 +394,23 @@ def _check_model(m: ModelConfig, check_paths: bool) -> None:
     if m.architecture:
         _require(m.architecture in MODEL_CONFIGS, "model.architecture",
                  f"unknown {m.architecture!r}; use one of {', '.join(MODEL_CONFIGS)}")
-        _require("tiny" in m.architecture or bool(m.tokenizer), "model.tokenizer",
-                 f"{m.architecture} needs a tokenizer folder")
+        _require("tiny" in m.architecture or bool(m.tokenizer or m.language),
+                 "model.tokenizer", f"{m.architecture} needs a tokenizer folder (or "
+                                    f"model.language)")
+    for key in COMPONENTS:
+        _require(not getattr(m, key) or bool(m.architecture), f"model.{key}",
+                 "pretrained parts go into a random model.architecture (not model.init)")
     for name in m.freeze:
         _require(name in FREEZABLE, "model.freeze",
                  f"unknown component {name!r}; use {', '.join(FREEZABLE)}")
     if check_paths:
-        for key in ("init", "tokenizer"):
+        for key in ("init", "tokenizer", "language"):
             path = getattr(m, key)
             _require(not path or Path(path).is_dir(), f"model.{key}",
                      f"{path} is not a directory")
+        for key in ("swin", "mask2former"):
+            path = getattr(m, key)
+            _require(not path or Path(path).is_file(), f"model.{key}", f"{path} is not a file")
 
 
 def _check_lora(lora: LoraSettings, m: ModelConfig) -> None:

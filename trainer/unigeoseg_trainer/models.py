@@ -6,7 +6,13 @@ Starting points (``[model]``):
   exported), loaded with the backend's strict loader (every missing, unexpected or
   mis-shaped tensor is reported by name) in float32: fine-tuning;
 - ``architecture = "NAME"``: a registry configuration with random weights (the tiny ones
-  for tests and CPU runs bring their own tokenizer; others need ``tokenizer = "DIR"``).
+  for tests and CPU runs bring their own tokenizer; others need ``tokenizer = "DIR"``);
+- ``architecture`` with pretrained parts, as the official recipe starts: ``swin = "FILE"``
+  (a Mask2Former checkpoint: Swin from ``backbone.*``), ``mask2former = "FILE"`` (the pixel
+  and mask decoders from ``sem_seg_head.*``; officially the same file), ``language = "DIR"``
+  (a transformers Phi-1.5 folder: its tokenizer with ``[PAD]`` and ``[SEG]`` sets the
+  vocabulary size); loaded strictly by the backend's ``build_from_components``, which names
+  every missing or unexpected tensor and logs what stays random.
 
 A trainer checkpoint is the third starting point: it is picked up from ``run.output_dir``
 (``train.resume``), on top of either of these.
@@ -21,11 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from unigeoseg_backend.model.checkpoint import clear_cache, load_released
+from unigeoseg_backend.model.components import build_from_components
 from unigeoseg_backend.model.prompting import add_special_tokens
 from unigeoseg_backend.model.registry import get_config, tiny_tokenizer
 from unigeoseg_backend.model.unigeoseg import UniGeoSeg, UniGeoSegConfig
@@ -46,16 +54,28 @@ def build_model(config: ModelConfig, device: torch.device) -> tuple[UniGeoSeg, A
         clear_cache(config.init)       # the run owns (and changes) this copy
         logger.info("starting from %s (%s)", config.init, loaded.name)
         return loaded.model, loaded.tokenizer
-    model = UniGeoSeg(get_config(config.architecture)).to(device)
-    if config.tokenizer:
-        from transformers import AutoTokenizer
+    architecture = get_config(config.architecture)
+    tokenizer = (_tokenizer(config.language or config.tokenizer)
+                 if config.language or config.tokenizer else tiny_tokenizer())
+    if not (config.swin or config.mask2former or config.language):
+        logger.info("starting from a random %s", config.architecture)
+        return UniGeoSeg(architecture).to(device), tokenizer
+    if config.language:             # the vocabulary is Phi's tokenizer with [PAD] and [SEG]
+        architecture = replace(architecture, language={**architecture.language,
+                                                       "vocab_size": len(tokenizer)})
+    build = build_from_components(architecture, swin_path=config.swin or None,
+                                  mask2former_path=config.mask2former or None,
+                                  language_dir=config.language or None)
+    return build.model.to(device), build.tokenizer or tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True)
-        add_special_tokens(tokenizer)
-    else:
-        tokenizer = tiny_tokenizer()
-    logger.info("starting from a random %s", config.architecture)
-    return model, tokenizer
+
+def _tokenizer(folder: str) -> Any:
+    """A transformers tokenizer folder's tokenizer with ``[PAD]`` and ``[SEG]`` added."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    add_special_tokens(tokenizer)
+    return tokenizer
 
 
 def freeze(model: UniGeoSeg, components: Iterable[str]) -> None:

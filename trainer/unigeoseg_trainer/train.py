@@ -198,16 +198,6 @@ class Run:
         return plain_model(self.model.config, state, self.model)
 
 
-def enable_activation_checkpointing(model: UniGeoSeg) -> None:
-    """Phi's decoder layers recompute their activations in backward (non-reentrant)."""
-    kwargs = {"use_reentrant": False}
-    language = model.model
-    if hasattr(language, "activation_checkpointing_enable"):    # transformers >= 5
-        language.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        language.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 def build_optimizer(model: UniGeoSeg, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with one parameter group per trainable component (fixed order: checkpoints
     check it by name)."""
@@ -246,8 +236,8 @@ def prepare(config: TrainConfig) -> Run:
     freeze(model, config.model.freeze)
     if config.lora.enabled:
         add_lora(model, config.lora)
-    if config.model.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+    # Phi's decoder layers recompute their activations in the backward (non-reentrant)
+    model.set_gradient_checkpointing(language=config.model.gradient_checkpointing)
     set_train_mode(model)
     if config.distributed.fsdp and world.distributed:
         sharding.shard(model, world.device, config.model.precision)
