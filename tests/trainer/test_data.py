@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from dataset_trees import build_local
 
 from unigeoseg_backend.model.registry import tiny_tokenizer
 from unigeoseg_trainer.config import AugmentConfig, ConfigError, DatasetConfig
-from unigeoseg_trainer.data import ReadFailures, load_batch, open_mixture
-from unigeoseg_trainer.sampler import BatchPlan
+from unigeoseg_trainer.data import BatchReader, ReadFailures, load_batch, open_mixture
+from unigeoseg_trainer.sampler import BatchPlan, TaskBatchSampler
+from unigeoseg_trainer.schedule import TaskSchedule
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,28 @@ def test_augmentation_is_reproducible_and_consistent(local_tree, tokenizer):
         assert torch.equal(a.targets[i], expected_target)
         assert torch.equal(a.images[i], expected_image)      # square image: same letterbox
     assert load(flips, first_place=8).flips != a.flips      # another place, other draws
+
+
+def test_background_threads_read_the_same_batches_in_the_same_order(local_tree, tokenizer):
+    mixture = open_mixture([_local(local_tree)])
+    schedule = TaskSchedule({"interactive": 0.4, "referring": 0.4, "reasoning": 0.2}, 0.7)
+    read = partial(load_batch, mixture=mixture, tokenizer=tokenizer,
+                   augment=AugmentConfig(hflip=0.5, vflip=0.5), seed=3, first_place=0,
+                   size=64)
+    results = []
+    for workers in (0, 2):
+        sampler = TaskBatchSampler(mixture.pools, schedule, per_device=2, max_steps=12,
+                                   accumulation=1, world_size=1, rank=0, seed=3)
+        reader, failures, batches = BatchReader(sampler, read, workers), ReadFailures(), []
+        for _ in range(12):
+            batches.append(reader.get(sampler.next_batch(), failures))
+        reader.close()
+        results.append((batches, failures.counts, sampler.state_dict()))
+    (serial, serial_failures, serial_position), (threaded, threaded_failures, position) = results
+    assert serial_failures == threaded_failures and position == serial_position
+    assert sum(serial_failures.values()) > 0              # the corrupt chip was drawn
+    for a, b in zip(serial, threaded, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.sample_ids == b.sample_ids and a.flips == b.flips
+            assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)

@@ -1,6 +1,7 @@
 """A CPU fp32 run killed with SIGKILL at a random step and resumed ends bit-identical to an
 uninterrupted run: model, optimizer state, sampler position and per-step losses; a full
-fine-tune and a LoRA one (adapters, their optimizer state and LoRA's dropout draws)."""
+fine-tune reading its batches on two background threads, and a LoRA one (adapters, their
+optimizer state and LoRA's dropout draws)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ MAX_STEPS = 10
 
 #: The runs killed and resumed: section changes on top of _config's.
 VARIANTS = {
-    "full-fine-tune": {},
+    "full-fine-tune, 2 loading threads": {"batch": {"num_workers": 2}},
     "lora": {"lora": {"enabled": True}},
 }
 
@@ -41,8 +42,10 @@ def _config(folder, chips, changes):
     # and the per-sample flips
     sections = tiny_sections(folder / "out", run={"max_steps": MAX_STEPS, "checkpoint_every": 1,
                                                   "keep_checkpoints": 3, "log_every": 1},
-                             batch={"accumulation": 2, "global_batch": 4},
-                             augment={"hflip": 0.5}, **changes)
+                             batch={"accumulation": 2, "global_batch": 4,
+                                    **changes.get("batch", {})},
+                             augment={"hflip": 0.5},
+                             **{k: v for k, v in changes.items() if k != "batch"})
     return write_config(folder / "run.toml", sections,
                         [{"name": "local", "root": chips, "split": "train"}])
 

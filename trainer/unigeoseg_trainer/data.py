@@ -8,16 +8,20 @@ skipped while listing are counted and logged.
 
 While training, a sample whose image or mask turns out to be unreadable is counted and
 skipped, with its file named in the log (:class:`ReadFailures`): the batch is one sample
-shorter, the run goes on. Augmentation draws come from a generator seeded with the run's
+shorter, the run goes on. With ``batch.num_workers`` > 0 the batches are read ahead on
+background threads (:class:`BatchReader`), in the same order and with the same content.
+Augmentation draws come from a generator seeded with the run's
 seed, the micro-batch index and the sample's place in the global batch, so a resumed run
 flips the same samples the same way.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +36,7 @@ from unigeoseg_backend.model.prompting import TokenizedPrompt, build_prompt
 
 from .augment import Example, random_flips
 from .config import AugmentConfig, ConfigError, DatasetConfig
-from .sampler import BatchPlan, Pool
+from .sampler import BatchPlan, Pool, TaskBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +187,57 @@ def load_batch(plan: BatchPlan, mixture: Mixture, tokenizer: Any, augment: Augme
         return None
     return Batch(task=plan.task, images=torch.stack(images), targets=torch.stack(targets),
                  prompts=prompts, sample_ids=ids, places=places, flips=flips)
+
+
+class BatchReader:
+    """Micro-batches read ahead on ``workers`` background threads, handed out in order.
+
+    At the first batch taken a copy of the training loop's sampler starts to run ahead of it
+    and hands its plans to a thread pool; the loop's own sampler (whose position the
+    checkpoints save, and which a resume restores before the first batch) moves only when a
+    batch is taken. At most
+    ``2 x workers`` batches wait, read or being read, so memory stays bounded. Each batch is
+    read by ``read`` exactly as it would be on the training thread (its draws are seeded by
+    the plan), and the unreadable samples it met are counted when it is taken: the batches,
+    their order and the counts do not depend on ``workers``. ``workers = 0`` reads on the
+    calling thread.
+    """
+
+    def __init__(self, sampler: TaskBatchSampler,
+                 read: Callable[..., Batch | None], workers: int) -> None:
+        """``read(plan, failures=...)``: :func:`load_batch` with everything else bound."""
+        self._read = read
+        self._depth = 2 * workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="batches") if workers else None
+        self._sampler = sampler
+        self._ahead: TaskBatchSampler | None = None       # the copy running ahead
+        self._pending: deque[tuple[BatchPlan, Future]] = deque()
+
+    def _read_counting(self, plan: BatchPlan) -> tuple[Batch | None, ReadFailures]:
+        failures = ReadFailures()
+        return self._read(plan, failures=failures), failures
+
+    def get(self, plan: BatchPlan, failures: ReadFailures) -> Batch | None:
+        """The batch of ``plan`` (the loop sampler's next), its unreadable samples counted
+        in ``failures``."""
+        if self._pool is None:
+            return self._read(plan, failures=failures)
+        if self._ahead is None:             # the first batch: the loop sampler is past it
+            self._ahead = copy.deepcopy(self._sampler)
+            self._pending.append((plan, self._pool.submit(self._read_counting, plan)))
+        while (len(self._pending) < self._depth
+               and self._ahead.next_index < self._ahead.total_batches):
+            ahead = self._ahead.next_batch()
+            self._pending.append((ahead, self._pool.submit(self._read_counting, ahead)))
+        if not self._pending or self._pending[0][0].index != plan.index:
+            raise RuntimeError(f"micro-batch {plan.index} was not read ahead: the reader "
+                               f"and the sampler lost step")
+        batch, counted = self._pending.popleft()[1].result()
+        failures.counts.update(counted.counts)
+        return batch
+
+    def close(self) -> None:
+        """Stop the threads (batches read ahead are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

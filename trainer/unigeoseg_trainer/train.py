@@ -50,6 +50,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ from unigeoseg_backend.model.unigeoseg import UniGeoSeg
 
 from . import checkpointing, sharding
 from .config import ConfigError, TrainConfig, load_config
-from .data import Batch, Mixture, ReadFailures, load_batch, open_mixture
+from .data import Batch, BatchReader, Mixture, ReadFailures, load_batch, open_mixture
 from .lora import add_lora, merge_adapters
 from .losses import (
     PointSampling,
@@ -170,6 +171,7 @@ class Run:
     mixture: Mixture
     loss: TrainingLoss
     validator: Validator
+    batches: BatchReader            # reads the sampler's micro-batches (ahead)
     step: int = 0                   # optimizer steps done
 
     @property
@@ -256,10 +258,14 @@ def prepare(config: TrainConfig) -> Run:
     loss = TrainingLoss(PointSampling(c.num_points, c.oversample_ratio,
                                       c.importance_sample_ratio),
                         c.bce_weight, c.dice_weight, c.lm_weight)
+    batches = BatchReader(sampler, partial(
+        load_batch, mixture=mixture, tokenizer=tokenizer, augment=config.augment,
+        seed=config.run.seed, first_place=world.rank * config.batch.per_device,
+        size=model.config.image_size), config.batch.num_workers)
     torch.manual_seed(config.run.seed + world.rank)   # runtime draws differ per process
     run = Run(config=config, world=world, model=model, wrapped=model, tokenizer=tokenizer,
               optimizer=optimizer, lr_schedule=lr_schedule, sampler=sampler, mixture=mixture,
-              loss=loss, validator=validator)
+              loss=loss, validator=validator, batches=batches)
     if config.run.resume:
         resume(run)
     if world.distributed and not run.sharded:
@@ -356,10 +362,7 @@ def micro_batches(run: Run, failures: ReadFailures
     previous: Batch | None = None
     for _ in range(run.config.batch.accumulation):
         plan = run.sampler.next_batch()
-        batch = load_batch(plan, run.mixture, run.tokenizer, run.config.augment,
-                           seed=run.config.run.seed,
-                           first_place=run.world.rank * run.config.batch.per_device,
-                           failures=failures, size=run.model.config.image_size)
+        batch = run.batches.get(plan, failures)
         if batch is not None:
             previous = batch
             yield plan, batch, 1.0
@@ -460,6 +463,7 @@ def train(config: TrainConfig) -> Path:
     try:
         return run_loop(run)
     finally:
+        run.batches.close()
         close_world(run.world)
 
 
@@ -501,6 +505,7 @@ def run_loop(run: Run) -> Path:
                 metrics.write(run.step, scores)
                 set_train_mode(run.model)
                 throughput.restart()
+    run.batches.close()
     return export(run)
 
 
