@@ -66,8 +66,9 @@ def closing_3x3(mask: np.ndarray) -> np.ndarray:
     return np.asarray(_neighbourhoods(dilated, True).all(axis=(-2, -1)))
 
 
-def component_sizes(mask: np.ndarray) -> np.ndarray:
-    """For each True pixel, the pixel count of its 4-connected component; 0 elsewhere.
+def component_labels(mask: np.ndarray) -> np.ndarray:
+    """4-connected components of a bool mask: for each True pixel, the smallest flat index
+    (``row * W + col``) of its component; ``mask.size`` elsewhere (H x W int64).
 
     Labels spread to the smallest index in each component (with pointer jumping), which
     takes a few dozen numpy passes for lakes on a few-hundred-pixel grid.
@@ -87,6 +88,12 @@ def component_sizes(mask: np.ndarray) -> np.ndarray:
         if np.array_equal(smallest, labels):
             break
         labels = smallest
+    return labels
+
+
+def component_sizes(mask: np.ndarray) -> np.ndarray:
+    """For each True pixel, the pixel count of its 4-connected component; 0 elsewhere."""
+    labels = component_labels(mask)
     counts = np.bincount(labels[mask], minlength=mask.size)
     return np.where(mask, counts[np.minimum(labels, mask.size - 1)], 0)
 
