@@ -70,25 +70,29 @@ NEGATIVE_REASONING_CHANCE = 0.5
 #: Splits written, in this order; the chips of each are drawn independently.
 SPLITS = ("train", "val")
 
-#: Reasoning-style wordings per class: what the class is for or what it does, rather than its
-#: name. Kept disjoint from the paraphrases the text tests evaluate on
-#: (tests/default_model/test_chips.py checks this), so those stay unseen.
+#: Reasoning-style wordings per class: what the class does or is for, more than its name.
+#: Each is kept only if the phrase vocabulary (the engine's text matching) understands it as
+#: its class, and none is a paraphrase the text tests evaluate on; both are tested
+#: (tests/default_model/test_chips.py), so those paraphrases stay unseen. Wordings that the
+#: vocabulary refuses ("places where a boat could float" is nearest to "boats", "where cattle
+#: could graze" scores below the threshold) would teach the model text the engine never
+#: passes on.
 REASONING_PHRASINGS: dict[str, tuple[str, ...]] = {
-    "water": ("places where a boat could float", "surfaces a kayak could paddle across",
-              "where the rain runs off to", "the parts of the scene that are wet",
-              "somewhere ducks could land"),
-    "vegetation": ("land covered by living plants", "where cattle could graze",
-                   "ground that looks green and alive", "areas with photosynthesising cover",
-                   "where the grass and crops are"),
-    "cloud": ("the condensed water vapour in the air", "what casts shadows from high above",
-              "the weather over the scene", "areas an optical satellite cannot see through",
-              "the bright puffy masses of vapour"),
-    "tree": ("where a bird could build a nest", "plants tall enough to climb",
-             "woody plants with crowns", "what gives shade on a hot day",
-             "where timber could be harvested"),
-    "lake": ("a body of fresh water surrounded by land", "somewhere to swim inland",
-             "still water held back by a dam"),
-    "field": ("land a farmer ploughs", "where a tractor would work", "the plots of cropland"),
+    "water": ("the parts of the scene that are wet", "places covered by the tide",
+              "where the river flows to the sea", "water where ducks could float",
+              "where the tide comes in"),
+    "vegetation": ("land covered by living plants", "ground that looks green and alive",
+                   "green growth on the land", "where plants are growing",
+                   "the lush green parts"),
+    "cloud": ("where the sky is clouded over", "white clouds seen from above",
+              "clouds that could bring rain", "the cloud deck hiding the ground",
+              "the haze of cloud over the land", "storm clouds"),
+    "tree": ("woody plants with crowns", "trees a woodpecker could live in",
+             "tall trunks with leafy tops", "the tops of tall trees", "trees to climb"),
+    "lake": ("a body of fresh water surrounded by land", "a reservoir behind a dam",
+             "a lake in a valley", "a quiet lake to row on"),
+    "field": ("land a farmer ploughs", "the plots of cropland", "fields a farmer harvests",
+              "parcels of farmland to plough", "fields a tractor works"),
 }
 
 _PHRASINGS = {c.name: c.phrases for c in DEFAULT_CLASSES}
