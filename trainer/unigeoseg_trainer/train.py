@@ -14,13 +14,17 @@ Two machines of 8 GPUs (run on each, ``--node_rank`` 0 and 1)::
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 \\
         --master_addr 10.0.0.1 --master_port 29500 -m unigeoseg_trainer run.toml
 
+With ``distributed.fsdp = true`` the processes shard the model instead of replicating it
+(:mod:`.sharding`); with ``[lora] enabled = true`` Phi trains through adapters (:mod:`.lora`).
+
 What one optimizer step does (``batch.accumulation`` micro-batches; gradients are
-all-reduced only on the last one, ``no_sync`` before):
+all-reduced, or reduce-scattered under FSDP, only on the last one):
 
 1. the learning rate of the step (:class:`~.schedule.LearningRateSchedule`) is set;
 2. per micro-batch: the sampler's plan, its samples read and letterboxed
-   (:func:`~.data.load_batch`), the training forward under bf16 autocast on CUDA (fp32 on
-   the CPU), the loss of :mod:`.losses` divided by the accumulation, backward;
+   (:func:`~.data.load_batch`, ahead on ``batch.num_workers`` threads), the training
+   forward under bf16 autocast on CUDA (fp32 on the CPU), the loss of :mod:`.losses`
+   divided by the accumulation, backward;
 3. a NaN or Inf loss or gradient norm on any process stops the run
    (:class:`NonFiniteLossError`) before the step is applied: the parameters stay those of
    the last good step and the checkpoints on disk are untouched;
