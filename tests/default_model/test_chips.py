@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from rasterio.windows import Window
 
 from unigeoseg_backend.datasets import open_dataset
 from unigeoseg_backend.default_model import chips as chips_module
 from unigeoseg_backend.default_model.chips import (
+    PASTES,
     REASONING_PHRASINGS,
     build_chip_dataset,
     training_scenes,
@@ -107,16 +109,21 @@ def test_every_sample_loads_through_the_local_reader_with_the_mask_written(built
 def test_no_chip_pixel_comes_from_an_evaluation_region(built, windows_read):
     evaluation_only = {r.scene for r in REGIONS if r.role == "evaluation"} \
         - {r.scene for r in REGIONS if r.role == "train"}
+    pasted = 0
     for record in _all_records(built):
         chip = record["chip"]
-        assert chip["scene"] not in evaluation_only
-        held_out = evaluation_window(chip["scene"])
-        for key in ("window", "stretch_window"):
-            window = Window(*chip[key])
-            assert any(window_contains(t, window) for t in train_windows(chip["scene"]))
-            assert held_out is None or not windows_intersect(window, held_out)
-            assert window_contains(window if key == "stretch_window"
-                                   else Window(*chip["stretch_window"]), Window(*chip["window"]))
+        for source in (chip, chip["pasted"]):   # the chip, and where its pasted objects are from
+            if source is None:
+                continue
+            pasted += source is not chip
+            assert source["scene"] not in evaluation_only
+            held_out = evaluation_window(source["scene"])
+            for key in ("window", "stretch_window"):
+                window = Window(*source[key])
+                assert any(window_contains(t, window) for t in train_windows(source["scene"]))
+                assert held_out is None or not windows_intersect(window, held_out)
+            assert window_contains(Window(*source["stretch_window"]), Window(*source["window"]))
+    assert pasted
     # the bands are read only over training windows, never over a whole scene
     assert windows_read and all(window in train_windows(scene) for scene, window in windows_read)
 
@@ -124,23 +131,42 @@ def test_no_chip_pixel_comes_from_an_evaluation_region(built, windows_read):
 def test_each_class_mask_is_its_reference_resampled_and_negatives_are_empty(built):
     root, _, _ = built
     references: dict[tuple[str, str], np.ndarray] = {}
+
+    def reference(where: dict, label: str) -> np.ndarray:
+        key = (where["scene"], label)
+        if key not in references:
+            references[key] = scene_reference(SCENES[where["scene"]], label)
+        col, row, width, height = where["window"]
+        source = references[key][row:row + height, col:col + width]
+        if width == CHIP_PX:
+            return source
+        return np.asarray(Image.fromarray(source.astype(np.uint8) * 255).resize(
+            (CHIP_PX, CHIP_PX), Image.Resampling.BILINEAR)) >= 128
+
+    def pasted_mask(chip: dict) -> np.ndarray:
+        """The bright part of the donor's class mask, where the pasted objects are."""
+        pasted, paste = chip["pasted"], PASTES[chip["scene"]]
+        if pasted is None:
+            return np.zeros((CHIP_PX, CHIP_PX), dtype=bool)
+        return reference(pasted, paste.label) \
+            & (_stretched_cut(pasted).mean(axis=-1) >= paste.min_brightness)
+
     for record in _all_records(built):
         chip, label = record["chip"], record["prompt"]["class"]
-        key = (chip["scene"], label)
-        if key not in references:
-            references[key] = scene_reference(SCENES[chip["scene"]], label)
-        col, row, width, height = chip["window"]
-        source = references[key][row:row + height, col:col + width]
-        expected = np.asarray(Image.fromarray(source.astype(np.uint8) * 255).resize(
-            (CHIP_PX, CHIP_PX), Image.Resampling.BILINEAR)) >= 128 \
-            if width != CHIP_PX else source
+        if label in SCENE_LABELS[chip["scene"]]:
+            expected = reference(chip, label)
+            if chip["pasted"] is not None:    # hidden under the pasted objects
+                expected &= ~pasted_mask(chip)
+        else:   # a class pasted onto this scene's chips
+            assert label == PASTES[chip["scene"]].label
+            expected = pasted_mask(chip)
         mask = _read_mask(root / record["mask"])
         if record["target"] == "class":
             np.testing.assert_array_equal(mask, expected)
             assert mask.any() and label in chip["classes_present"]
         elif record["target"] == "empty":
             assert not mask.any() and not expected.any()
-            assert label in SCENE_LABELS[chip["scene"]] and label not in chip["classes_present"]
+            assert label not in chip["classes_present"]
         else:   # one 4-connected component of the class mask
             assert mask.any() and not (mask & ~expected).any()
             assert component_sizes(mask).max() == mask.sum()
@@ -191,20 +217,43 @@ def test_chips_record_their_scale_ground_sample_distance_and_transform(built):
     assert min(scales) < 1 < max(scales)
 
 
+def _stretched_cut(where: dict) -> np.ndarray:
+    """The RGB of a recorded ``window`` out of its ``stretch_window`` stretched whole with
+    ``to_model_rgb``, resampled to the chip size: the documented way a chip is made."""
+    scene = SCENES[where["scene"]]
+    tile = read_scene(scene, rgb_band_names(scene), Window(*where["stretch_window"]))
+    rgb, _valid = to_model_rgb(tile.pixels, tile.nodata)
+    col, row, size, _ = where["window"]
+    t_col, t_row = where["stretch_window"][:2]
+    cut = rgb[row - t_row:row - t_row + size, col - t_col:col - t_col + size]
+    if size == CHIP_PX:
+        return cut
+    return np.asarray(Image.fromarray(np.ascontiguousarray(cut)).resize(
+        (CHIP_PX, CHIP_PX), Image.Resampling.BILINEAR))
+
+
 def test_the_image_is_the_stretched_tile_cut_and_resampled(built):
     root, _, _ = built
-    for record in _all_records(built)[::7]:
+    for record in [r for r in _all_records(built) if r["chip"]["pasted"] is None][::7]:
+        np.testing.assert_array_equal(np.asarray(Image.open(root / record["image"])),
+                                      _stretched_cut(record["chip"]))
+
+
+def test_pasted_objects_replace_the_chip_pixels_where_their_mask_is(built):
+    root, _, _ = built
+    checked = 0
+    for record in _all_records(built):
         chip = record["chip"]
-        scene = SCENES[chip["scene"]]
-        tile = read_scene(scene, rgb_band_names(scene), Window(*chip["stretch_window"]))
-        rgb, _valid = to_model_rgb(tile.pixels, tile.nodata)
-        col, row, size, _ = chip["window"]
-        t_col, t_row = chip["stretch_window"][:2]
-        cut = rgb[row - t_row:row - t_row + size, col - t_col:col - t_col + size]
-        if size != CHIP_PX:
-            cut = np.asarray(Image.fromarray(np.ascontiguousarray(cut)).resize(
-                (CHIP_PX, CHIP_PX), Image.Resampling.BILINEAR))
-        np.testing.assert_array_equal(np.asarray(Image.open(root / record["image"])), cut)
+        if chip["pasted"] is None or record["target"] != "class" \
+                or record["prompt"]["class"] != chip["pasted"]["class"]:
+            continue
+        mask = _read_mask(root / record["mask"])
+        # fully opaque: the whole 3 x 3 neighbourhood (edges repeated) is pasted
+        inner = sliding_window_view(np.pad(mask, 1, mode="edge"), (3, 3)).all(axis=(-2, -1))
+        image = np.asarray(Image.open(root / record["image"]))
+        np.testing.assert_array_equal(image[inner], _stretched_cut(chip["pasted"])[inner])
+        checked += 1
+    assert checked
 
 
 def test_to_model_rgb_stretches_wide_bands_and_keeps_8_bit():

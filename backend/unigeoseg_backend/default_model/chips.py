@@ -25,6 +25,11 @@ How one chip is made:
    component); for every class of the scene absent from the chip, its phrasing with an
    empty mask (a negative that the same imagery also answers positively elsewhere).
 
+Label diversity: on 30 % of the Sentinel-2 chips, the bright part of Landsat 8 clouds cut at
+the chip's ground sample distance is pasted (``PASTES``), so "clouds" is asked on both
+sensors, answered with the pasted mask or, on the cloud-free coast, with an empty one; the
+classes under a pasted cloud lose those pixels.
+
 Everything is drawn from ``numpy.random.default_rng([seed, split, scene, chip])``, so a
 build is a function of its arguments: the same seed gives byte-identical files.
 """
@@ -49,7 +54,7 @@ from ..model.prompting import interactive_instruction
 from .radiometry import rgb_band_names, to_model_rgb
 from .references import SCENE_LABELS, component_labels, scene_reference
 from .regions import check_training_window, train_windows
-from .sources import SCENES, Scene, read_scene
+from .sources import LANDSAT8, SCENES, SENTINEL2, Scene, read_scene
 from .text_encoder import DEFAULT_CLASSES
 
 #: Side of the tiles the stretch is computed over, in source pixels (a tile as the service
@@ -69,6 +74,27 @@ BACKGROUND_CLICK_CHANCE = 0.5
 NEGATIVE_REASONING_CHANCE = 0.5
 #: Splits written, in this order; the chips of each are drawn independently.
 SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Paste:
+    """Objects of class ``label`` cut from training chips of scene ``donor`` and pasted onto a
+    share ``chance`` of another scene's chips."""
+
+    donor: str
+    label: str
+    chance: float
+    min_brightness: float = 0.0   #: pasted pixels: the class, where the RGB mean is at least this
+
+
+#: Which scenes get which pasted objects. Landsat 8 clouds on the cloud-free Sentinel-2 coast:
+#: so "clouds" is answered on Sentinel-2 imagery too, positively where pasted and with an
+#: empty mask elsewhere (true there: the scene is cloud-free), and the model cannot learn
+#: "Sentinel-2 never has clouds" or "Landsat always might".
+PASTES: dict[str, Paste] = {SENTINEL2.name: Paste(LANDSAT8.name, "cloud", 0.3, 150.0)}
+#: A donor chip is used when the class covers this share of it (drawn up to PASTE_TRIES times).
+PASTE_SHARES = (0.05, 0.6)
+PASTE_TRIES = 10
 
 #: Reasoning-style wordings per class: what the class does or is for, more than its name.
 #: Each is kept only if the phrase vocabulary (the engine's text matching) understands it as
@@ -159,13 +185,19 @@ def _tile_origins(start: int, length: int, tile: int) -> list[int]:
     return origins
 
 
+def _draw_scale(rng: np.random.Generator, scales: tuple[float, float]) -> float:
+    """Source pixels per chip pixel, log-uniform in ``scales``."""
+    return math.exp(rng.uniform(math.log(scales[0]), math.log(scales[1])))
+
+
 def _place_chip(data: _SceneData, index: int, rng: np.random.Generator, chip_px: int,
-                scales: tuple[float, float]) -> _Chip:
+                scale: float) -> _Chip:
+    """A chip of ``round(scale * chip_px)`` source pixels a side (at most the training
+    window's shorter side) at a random place of a random stretch tile."""
     areas = np.array([w.width * w.height for w in data.windows], dtype=np.float64)
     window_index = int(rng.choice(len(areas), p=areas / areas.sum()))
     train = data.windows[window_index]
-    log_scale = rng.uniform(math.log(scales[0]), math.log(scales[1]))
-    size = min(max(round(math.exp(log_scale) * chip_px), 1), int(train.width), int(train.height))
+    size = min(max(round(scale * chip_px), 1), int(train.width), int(train.height))
     tile_w = max(min(STRETCH_TILE_PX, int(train.width)), size)
     tile_h = max(min(STRETCH_TILE_PX, int(train.height)), size)
     tile_col = int(rng.choice(_tile_origins(int(train.col_off), int(train.width), tile_w)))
@@ -179,9 +211,10 @@ def _place_chip(data: _SceneData, index: int, rng: np.random.Generator, chip_px:
 
 
 def _resize_rgb(rgb: np.ndarray, chip_px: int) -> np.ndarray:
+    """An RGB cut resampled to chip_px x chip_px, as a new (writable) array."""
     if rgb.shape[0] == chip_px:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((chip_px, chip_px), Image.Resampling.BILINEAR))
+        return rgb.copy()
+    return np.array(Image.fromarray(rgb).resize((chip_px, chip_px), Image.Resampling.BILINEAR))
 
 
 def _resize_mask(mask: np.ndarray, chip_px: int) -> np.ndarray:
@@ -254,8 +287,9 @@ class _ChipWriter:
         _save_mask(self.root / self.empty_mask, np.zeros((self.chip_px,) * 2, dtype=bool))
 
     def chip(self, data: _SceneData, chip: _Chip, rgb: np.ndarray,
-             masks: dict[str, np.ndarray]) -> None:
-        """Write one chip's image, masks and prompt records."""
+             masks: dict[str, np.ndarray], pasted: dict[str, Any] | None) -> None:
+        """Write one chip's image, masks (label -> mask, every class the chip's scene is
+        labelled with) and prompt records; ``pasted`` says where pasted objects came from."""
         scene, rng, chip_px = data.scene, chip.rng, self.chip_px
         stem = f"{self.split}/{scene.name}/{chip.index:05d}"
         image = f"images/{stem}.png"
@@ -265,12 +299,13 @@ class _ChipWriter:
         # chip pixel -> map: the source window's transform, scaled by the resampling
         transform = window_transform(chip.window, data.full_transform) \
             * Affine.scale(size / chip_px)
-        present = [label for label in SCENE_LABELS[scene.name] if masks[label].any()]
+        present = [label for label in masks if masks[label].any()]
         chip_meta = {
             "scene": scene.name, "window": _window_list(chip.window),
             "stretch_window": _window_list(chip.tile),
             "scale": size / chip_px, "gsd_m": scene.gsd_m * size / chip_px,
             "crs": data.crs, "transform": list(transform)[:6], "classes_present": present,
+            "pasted": pasted,
         }
         count = 0
 
@@ -330,7 +365,7 @@ class _ChipWriter:
                    mask_file("box", component),
                    {"kind": "box", "class": label, "box": [float(v) for v in box]}, "component")
 
-        for label in SCENE_LABELS[scene.name]:
+        for label in masks:
             if label in present:
                 continue
             record("referring", str(rng.choice(_PHRASINGS[label])), self.empty_mask,
@@ -356,34 +391,80 @@ def _within(inner: Window, outer: Window) -> tuple[slice, slice]:
     return slice(row, row + int(inner.height)), slice(col, col + int(inner.width))
 
 
+def _stretched_tile(data: _SceneData, chip: _Chip) -> np.ndarray:
+    """The chip's stretch tile as 8-bit RGB (``radiometry.to_model_rgb``), h x w x 3."""
+    train = data.windows[chip.window_index]
+    bands = data.bands[chip.window_index][(slice(None),) + _within(chip.tile, train)]
+    return to_model_rgb(bands, data.nodata)[0]
+
+
+def _cut(data: _SceneData, chip: _Chip, tile_rgb: np.ndarray,
+         chip_px: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The chip's image (chip_px x chip_px x 3 uint8, out of its stretched tile) and its
+    reference masks (label -> chip_px x chip_px bool), resampled."""
+    rgb = _resize_rgb(np.ascontiguousarray(tile_rgb[_within(chip.window, chip.tile)]), chip_px)
+    in_train = _within(chip.window, data.windows[chip.window_index])
+    return rgb, {label: _resize_mask(reference[in_train], chip_px)
+                 for label, reference in data.references[chip.window_index].items()}
+
+
+def _paste(data: _SceneData, chip: _Chip, donor: _SceneData, paste: Paste, chip_px: int,
+           rgb: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Paste ``paste.label`` objects cut from ``donor`` at the chip's ground sample distance
+    onto the chip (``rgb`` and ``masks`` are changed in place): the pasted mask becomes the
+    class's mask and hides the other classes under it. Returns where they came from, or
+    None when no donor chip of ``PASTE_TRIES`` held enough of the class."""
+    scale = chip.window.width / chip_px * data.scene.gsd_m / donor.scene.gsd_m
+    for _ in range(PASTE_TRIES):
+        source = _place_chip(donor, chip.index, chip.rng, chip_px, scale)
+        in_train = _within(source.window, donor.windows[source.window_index])
+        share = donor.references[source.window_index][paste.label][in_train].mean()
+        if PASTE_SHARES[0] <= share <= PASTE_SHARES[1]:
+            break
+    else:
+        return None
+    donor_rgb, donor_masks = _cut(donor, source, _stretched_tile(donor, source), chip_px)
+    # Only the bright part of the class is pasted: medium-confidence BQA cloud over land
+    # looks like land, and pasted onto another scene it would teach that land is cloud.
+    pasted = donor_masks[paste.label] & (donor_rgb.mean(axis=-1) >= paste.min_brightness)
+    # a 3 x 3 mean of the mask as opacity, so the pasted edge is not a hard step
+    alpha = np.pad(pasted.astype(np.float32), 1, mode="edge")
+    alpha = sum(alpha[r:r + chip_px, c:c + chip_px] for r in range(3) for c in range(3)) / 9
+    blended = alpha[..., None] * donor_rgb + (1 - alpha[..., None]) * rgb
+    rgb[...] = np.rint(blended).astype(np.uint8)
+    for label in masks:
+        masks[label] &= ~pasted
+    masks[paste.label] = pasted
+    return {"class": paste.label, "scene": donor.scene.name,
+            "window": _window_list(source.window), "stretch_window": _window_list(source.tile)}
+
+
 def _build_scene_split(writer: _ChipWriter, data: _SceneData, scene_index: int,
                        split_index: int, n_chips: int, seed: int, chip_px: int,
-                       scales: tuple[float, float]) -> None:
-    chips = [_place_chip(data, i, np.random.default_rng([seed, split_index, scene_index, i]),
-                         chip_px, scales) for i in range(n_chips)]
+                       scales: tuple[float, float], donors: dict[str, _SceneData]) -> None:
+    rngs = [np.random.default_rng([seed, split_index, scene_index, i]) for i in range(n_chips)]
+    chips = [_place_chip(data, i, rng, chip_px, _draw_scale(rng, scales))
+             for i, rng in enumerate(rngs)]
     by_tile: dict[tuple[int, tuple[int, ...]], list[_Chip]] = {}
     for chip in chips:
         by_tile.setdefault((chip.window_index, tuple(_window_list(chip.tile))), []).append(chip)
     made: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
-    for (window_index, _), tile_chips in by_tile.items():
-        train = data.windows[window_index]
-        tile = tile_chips[0].tile
-        tile_rgb, _valid = to_model_rgb(data.bands[window_index][(slice(None),)
-                                                                 + _within(tile, train)],
-                                        data.nodata)
+    for tile_chips in by_tile.values():
+        tile_rgb = _stretched_tile(data, tile_chips[0])
         for chip in tile_chips:
-            rgb = _resize_rgb(np.ascontiguousarray(tile_rgb[_within(chip.window, tile)]),
-                              chip_px)
-            in_train = _within(chip.window, train)
-            masks = {label: _resize_mask(reference[in_train], chip_px)
-                     for label, reference in data.references[window_index].items()}
-            made[chip.index] = (rgb, masks)
-    for chip in chips:  # in index order, so the records' order does not depend on tiling
+            made[chip.index] = _cut(data, chip, tile_rgb, chip_px)
+    paste = PASTES.get(data.scene.name)
+    for chip in chips:  # in index order: the records' and the draws' order is not the tiles'
         rgb, masks = made.pop(chip.index)
-        writer.chip(data, chip, rgb, masks)
+        pasted = None
+        if paste is not None:
+            masks.setdefault(paste.label, np.zeros_like(next(iter(masks.values()))))
+            if chip.rng.random() < paste.chance:
+                pasted = _paste(data, chip, donors[paste.donor], paste, chip_px, rgb, masks)
+        writer.chip(data, chip, rgb, masks, pasted)
 
 
-def build_chip_dataset(out_dir: str | Path, *, chip_px: int = 128, chips_per_scene: int = 1200,
+def build_chip_dataset(out_dir: str | Path, *, chip_px: int = 128, chips_per_scene: int = 1800,
                        val_chips_per_scene: int = 60, seed: int = 0,
                        scales: Sequence[float] = (0.5, 3.5)) -> dict[str, Any]:
     """Write the default model's training chips as a ``local``-layout dataset.
@@ -419,6 +500,7 @@ def build_chip_dataset(out_dir: str | Path, *, chip_px: int = 128, chips_per_sce
 
     counts = {"train": chips_per_scene, "val": val_chips_per_scene}
     scenes = [_SceneData.load(scene) for scene in training_scenes()]
+    donors = {data.scene.name: data for data in scenes}
     summary: dict[str, Any] = {
         "chip_px": chip_px, "seed": seed, "scales": [lo, hi],
         "chips_per_scene": dict(counts), "scenes": [d.scene.name for d in scenes], "splits": {}}
@@ -426,7 +508,7 @@ def build_chip_dataset(out_dir: str | Path, *, chip_px: int = 128, chips_per_sce
         writer = _ChipWriter(root, split, chip_px)
         for scene_index, data in enumerate(scenes):
             _build_scene_split(writer, data, scene_index, split_index, counts[split], seed,
-                               chip_px, (lo, hi))
+                               chip_px, (lo, hi), donors)
         writer.finish()
         summary["splits"][split] = _split_counts(writer.records)
     summary["bytes"] = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
