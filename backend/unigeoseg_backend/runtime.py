@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .engines.base import Engine, EngineSettings
+from .engines.default_engine import DefaultEngine
 from .engines.sam import SamEngine
 from .engines.unigeoseg_engine import UniGeoSegEngine
 from .errors import EngineUnavailableError, InvalidInputError
@@ -17,6 +18,7 @@ from .segmenter import EngineOffer, EngineRegistry
 ENGINE_CLASSES: tuple[type[Engine], ...] = (
     SamEngine,
     UniGeoSegEngine,
+    DefaultEngine,
 )
 
 

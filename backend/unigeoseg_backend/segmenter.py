@@ -207,7 +207,8 @@ class Segmenter:
             return cached, True
         if cancel is not None:
             cancel.check()
-        embedding = engine.encode(record.rgb)
+        embedding = (engine.encode(record.rgb, record.grid)  # type: ignore[call-arg]
+                     if engine.capabilities.reads_georeference else engine.encode(record.rgb))
         self.encode_count += 1
         self.embeddings.put(key, embedding, nbytes_of(embedding))
         return embedding, False
@@ -238,7 +239,7 @@ class Segmenter:
         service sends as it is)."""
         timings: dict[str, float] = {}
         task = str(prompt.task)  # never None: Prompt fills in the default task
-        engine_name = options.engine or default_engine(task)
+        engine_name = options.engine or default_engine(task, self.engines.available())
         self.engines.check_task(engine_name, task)
         engine = self.engines.get(engine_name)
         output_crs = parse_crs(options.output_crs) if options.output_crs else record.grid.crs
@@ -274,7 +275,8 @@ class Segmenter:
         return SegmentReply(image_id=record.image_id, features=features, score=prediction.score,
                             engine=engine.name, model=engine.model_id,
                             mask=mask.astype(np.uint8) if options.return_mask else None,
-                            timings_ms={k: round(v, 3) for k, v in timings.items()})
+                            timings_ms={k: round(v, 3) for k, v in timings.items()},
+                            message=prediction.message or None)
 
 
 def to_tile_prompt(prompt: Prompt, grid: TileGrid | None = None,

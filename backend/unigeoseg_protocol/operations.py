@@ -384,6 +384,9 @@ class SegmentReply:
             ``polygonize_ms``.
         mask: ``H x W`` uint8 0/1 on the tile grid, when the request asked ``return_mask``.
         server_ms: the whole request in the worker.
+        message: a sentence for the analyst from the engine, or None: why there are no
+            polygons (a prompt it did not understand, and what it does know), or an
+            assumption it made.
     """
 
     image_id: str
@@ -394,12 +397,13 @@ class SegmentReply:
     timings_ms: dict[str, float] = field(default_factory=dict)
     mask: NDArray[Any] | None = None
     server_ms: float | None = None
+    message: str | None = None
 
     def to_result(self) -> dict[str, Any]:
         return _with_optional(
             {"image_id": self.image_id, "features": self.features, "score": self.score,
              "engine": self.engine, "model": self.model, "timings_ms": self.timings_ms},
-            server_ms=self.server_ms)
+            server_ms=self.server_ms, message=self.message)
 
     def to_wire(self) -> Wire:
         return self.to_result(), ({} if self.mask is None else {"mask": self.mask})
@@ -422,7 +426,8 @@ class SegmentReply:
                    model=_field(result, "model", str),
                    timings_ms=dict(_field(result, "timings_ms", dict, {})),
                    mask=reply.message.arrays.get("mask"),
-                   server_ms=_number(result, "server_ms", None))
+                   server_ms=_number(result, "server_ms", None),
+                   message=_field(result, "message", str, None))
 
 
 # --------------------------------------------------------------------------- cancel

@@ -8,14 +8,17 @@ of them can import (stdlib only).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 #: Every task, in the order of the wire protocol's documentation.
 TASKS = ("interactive", "referring", "reasoning")
 
 #: Tasks whose prompt is a text instruction (the others are points / a box).
 TEXT_TASKS = ("referring", "reasoning")
 
-#: Engines a request may name.
-ENGINES = ("sam", "unigeoseg")
+#: Engines a request may name. ``default`` is the embedded default model (every task, on a
+#: CPU), which answers when the engine a task prefers is not offered.
+ENGINES = ("sam", "unigeoseg", "default")
 
 
 def default_task(has_geometry: bool, has_text: bool) -> str:
@@ -24,7 +27,11 @@ def default_task(has_geometry: bool, has_text: bool) -> str:
     return "interactive" if has_geometry and not has_text else "referring"
 
 
-def default_engine(task: str) -> str:
+def default_engine(task: str, available: Collection[str] | None = None) -> str:
     """The engine for a request that names none: ``sam`` for interactive prompts, else
-    ``unigeoseg`` (the only engine that reads text)."""
-    return "sam" if task == "interactive" else "unigeoseg"
+    ``unigeoseg``; when ``available`` (the engines the backend offers) lacks that one but
+    has ``default``, the default model."""
+    preferred = "sam" if task == "interactive" else "unigeoseg"
+    if available is not None and preferred not in available and "default" in available:
+        return "default"
+    return preferred

@@ -73,7 +73,7 @@ def _raw(params: dict, arrays: dict | None = None, op: str = "segment") -> Messa
 
 def test_vocabulary_defaults_pick_the_task_and_the_engine():
     assert set(TEXT_TASKS) < set(TASKS) and "interactive" in TASKS
-    assert ENGINES == ("sam", "unigeoseg")
+    assert ENGINES == ("sam", "unigeoseg", "default")
     assert default_task(has_geometry=True, has_text=False) == "interactive"
     assert default_task(has_geometry=True, has_text=True) == "referring"
     assert default_task(has_geometry=False, has_text=True) == "referring"

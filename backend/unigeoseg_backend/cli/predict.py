@@ -107,14 +107,15 @@ def run_predict(args: argparse.Namespace) -> int:
     bands = [int(b) for b in args.bands.split(",")] if args.bands else None
     points = tuple((x, y) for x, y, _ in args.point)
     if text:
-        # UniGeoSeg reads the text; points and a box only choose the window.
+        # The text engine reads the text; points and a box only choose the window. No
+        # engine named: the backend's choice (UniGeoSeg, else the default model).
         prompt = Prompt(text=text, task=args.task)
-        options = SegmentOptions(engine="unigeoseg", simplify=args.simplify,
+        options = SegmentOptions(simplify=args.simplify,
                                  min_area=args.min_area)
     else:
         prompt = Prompt(points=points, labels=tuple(label for _, _, label in args.point),
                         box=args.box, task="interactive", crs=args.prompt_crs)
-        options = SegmentOptions(engine="sam", multimask=not args.single_mask,
+        options = SegmentOptions(multimask=not args.single_mask,
                                  simplify=args.simplify, min_area=args.min_area)
 
     with rasterio.open(args.raster) as dataset:
@@ -158,7 +159,7 @@ def _segment_local(args: argparse.Namespace, tile, prompt: Prompt, options: Segm
     segmenter = Segmenter(engines)
     record = segmenter.add_image(tile.pixels, tile.georeference, tile.raster)
     result = segmenter.segment(record, prompt, options)
-    return result.features, f"score {result.score:.3f}, model {result.model}"
+    return result.features, _summary(result)
 
 
 def _segment_remote(address: str, tile, prompt: Prompt, options: SegmentOptions):
@@ -167,4 +168,11 @@ def _segment_remote(address: str, tile, prompt: Prompt, options: SegmentOptions)
     with Client(address, timeout_s=600) as client:
         reply = client.segment(prompt, options, pixels=tile.pixels,
                                georeference=tile.georeference, raster=tile.raster)
-    return reply.features, f"score {reply.score:.3f}, model {reply.model} via {address}"
+    return reply.features, _summary(reply, address)
+
+
+def _summary(reply, address: str | None = None) -> str:
+    """The run's summary line: score, model, where, and the engine's message if any."""
+    where = f" via {address}" if address else ""
+    message = f"; {reply.message}" if reply.message else ""
+    return f"score {reply.score:.3f}, model {reply.model}{where}{message}"

@@ -62,7 +62,7 @@ def run_predict_raster(args: argparse.Namespace) -> int:
         overwrite=args.overwrite)
     engines = build_engines(EngineSettings(select_device(args.device),
                                            model=configured_model(args.model)))
-    engine = engines.get(default_engine(str(prompt.task)))
+    engine = engines.get(default_engine(str(prompt.task), engines.available()))
     with tqdm(unit="tile", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True,
               desc="segmenting") as bar:
 

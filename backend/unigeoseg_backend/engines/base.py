@@ -68,11 +68,14 @@ class Prediction:
         score: the engine's confidence in ``mask`` in [0, 1] (each engine documents which).
         low_res_logits: the decoder's logits in the engine's own frame; an engine with
             ``capabilities.mask_feedback`` takes them back as ``TilePrompt.mask_input``.
+        message: a sentence for the analyst about this answer ("" for none): why the mask
+            is empty (a prompt the engine does not understand), or an assumption it made.
     """
 
     mask: np.ndarray
     score: float
     low_res_logits: Any
+    message: str = ""
 
 
 def nbytes_of(value: Any) -> int:
@@ -95,6 +98,8 @@ class Capabilities:
         box: it takes a box (interactive).
         text: it reads a text instruction.
         mask_feedback: it refines an object from its previous ``low_res_logits``.
+        reads_georeference: its ``encode(rgb, grid)`` takes the tile's ``TileGrid`` too (to
+            resample by the ground pixel size).
     """
 
     tasks: tuple[str, ...]
@@ -104,6 +109,7 @@ class Capabilities:
     box: bool = False
     text: bool = False
     mask_feedback: bool = False
+    reads_georeference: bool = False
 
     def prompt_kinds(self) -> str:
         """The kinds of prompt it takes, in words: ``point and box``."""
@@ -166,12 +172,15 @@ class EngineSettings:
         sam_type: SAM architecture (``vit_b``, ``vit_l``, ``vit_h``, ``tiny``).
         model: the UniGeoSeg model (a released-layout directory or a name in the weights
             cache), or None for no text engine.
+        default_model: the default model's weights folder (model card and safetensors), or
+            None for the one shipped in the package.
     """
 
     device: Any  # torch.device; typed loosely so this module imports no torch
     sam_checkpoint: Path | None = None
     sam_type: str = "vit_b"
     model: str | os.PathLike[str] | None = None
+    default_model: Path | None = None
 
 
 class Engine(ABC):
@@ -211,7 +220,8 @@ class Engine(ABC):
 
     @abstractmethod
     def encode(self, rgb: np.ndarray) -> Any:
-        """The image side of an H x W x 3 uint8 RGB tile (cached; ``nbytes`` says its size)."""
+        """The image side of an H x W x 3 uint8 RGB tile (cached; ``nbytes`` says its size).
+        An engine with ``capabilities.reads_georeference`` is called ``encode(rgb, grid)``."""
 
     def decode(self, embedding: Any, prompt: TilePrompt) -> Prediction:
         """One mask for ``prompt`` on an encoded tile; refuses what the engine cannot answer."""
