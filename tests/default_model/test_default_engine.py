@@ -46,6 +46,7 @@ from unigeoseg_backend.errors import EngineUnavailableError, WeightsError
 from unigeoseg_backend.geo.grid import TileGrid
 from unigeoseg_backend.runtime import build_engines
 from unigeoseg_backend.segmenter import Segmenter
+from unigeoseg_protocol import SegmentReply, decode_message, encode_message, ok_header
 from unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
 from unigeoseg_protocol.vocabulary import default_engine
 
@@ -347,7 +348,10 @@ def test_the_reply_to_a_prompt_it_does_not_understand_has_no_polygons_and_the_me
     reply = fallback_segmenter.segment(record, Prompt(text="the airplanes"), SegmentOptions())
     assert reply.features["features"] == [] and reply.score == 0.0
     assert "did not understand 'the airplanes'" in reply.message
-    assert reply.to_result()["message"] == reply.message
+    result, arrays = reply.to_wire()
+    parsed = SegmentReply.from_message(decode_message(encode_message(ok_header("r1", result),
+                                                                     arrays)))
+    assert parsed.message == reply.message and parsed.features["features"] == []
 
 
 def test_a_preferred_engine_that_is_offered_is_still_chosen():
