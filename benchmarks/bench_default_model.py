@@ -128,7 +128,7 @@ def main() -> None:
     segmenter.engines.get("default")._vocabulary = vocabulary
     options = SegmentOptions(engine="default")
     first, second = [], []
-    for i in range(max(3, args.repeats // 4)):
+    for _ in range(max(3, args.repeats // 4)):
         tile = rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8)
         start = time.perf_counter()
         record = segmenter.add_image(tile, utm(10.0), RasterOptions())

@@ -56,7 +56,8 @@ def build_engines(settings: EngineSettings) -> EngineRegistry:
     offers = []
     for kind in ENGINE_CLASSES:
         try:
-            offers.append(EngineOffer(kind, load=kind.loader(settings)))
+            offers.append(EngineOffer(kind, load=kind.loader(settings),
+                                      about=kind.about(settings)))
         except EngineUnavailableError as exc:
             offers.append(EngineOffer(kind, unavailable=exc.message))
     return EngineRegistry(offers)

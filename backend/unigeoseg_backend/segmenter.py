@@ -96,11 +96,13 @@ class EngineOffer:
         kind: the engine's class; what it answers is known before its weights load.
         load: builds the engine (loads weights); None when the engine is unavailable.
         unavailable: why not, when ``load`` is None (a sentence saying how to fix it).
+        about: what ``hello`` shows of its model (``Engine.about``), or None.
     """
 
     kind: type[Engine]
     load: Callable[[], Engine] | None = None
     unavailable: str = ""
+    about: dict[str, Any] | None = None
 
 
 class EngineRegistry:
@@ -120,6 +122,11 @@ class EngineRegistry:
 
     def loaded(self) -> dict[str, str]:
         return {name: engine.model_id for name, engine in self._engines.items()}
+
+    def about(self, name: str) -> dict[str, Any] | None:
+        """What ``hello`` shows of engine ``name``'s model (``EngineOffer.about``)."""
+        offer = self._offers.get(name)
+        return None if offer is None else offer.about
 
     def capabilities(self, name: str) -> Capabilities | None:
         """What engine ``name`` answers (known before it loads); None for an unknown name."""

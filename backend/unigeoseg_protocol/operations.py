@@ -509,12 +509,15 @@ class EngineInfo:
     model: str | None = None
     tasks: tuple[str, ...] = ()
     reason: str | None = None  #: why it is not available
+    #: what its model is, for an engine that says (the default model: ``name``, ``version``,
+    #: ``classes`` it was trained to find, ``gsd_m`` it was trained at, ``limits``)
+    about: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         if not self.available:
             return {"available": False, "reason": self.reason}
-        return {"available": True, "loaded": self.loaded, "model": self.model,
-                "tasks": list(self.tasks)}
+        return _with_optional({"available": True, "loaded": self.loaded, "model": self.model,
+                               "tasks": list(self.tasks)}, about=self.about)
 
     @classmethod
     def from_wire(cls, value: Any) -> EngineInfo:
@@ -525,7 +528,8 @@ class EngineInfo:
                    loaded=_field(value, "loaded", bool, False),
                    model=_field(value, "model", str, None),
                    tasks=tuple(str(task) for task in tasks),
-                   reason=_field(value, "reason", str, None))
+                   reason=_field(value, "reason", str, None),
+                   about=_field(value, "about", dict, None))
 
 
 @dataclass(frozen=True)

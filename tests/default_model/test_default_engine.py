@@ -46,7 +46,13 @@ from unigeoseg_backend.errors import EngineUnavailableError, WeightsError
 from unigeoseg_backend.geo.grid import TileGrid
 from unigeoseg_backend.runtime import build_engines
 from unigeoseg_backend.segmenter import Segmenter
-from unigeoseg_protocol import SegmentReply, decode_message, encode_message, ok_header
+from unigeoseg_protocol import (
+    EngineInfo,
+    SegmentReply,
+    decode_message,
+    encode_message,
+    ok_header,
+)
 from unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
 from unigeoseg_protocol.vocabulary import default_engine
 
@@ -361,6 +367,9 @@ def test_a_preferred_engine_that_is_offered_is_still_chosen():
     assert default_engine("referring") == "unigeoseg"
 
 
-def test_the_model_card_summary_names_classes_and_limits(weights_dir):
-    summary = read_model_card(weights_dir).summary()
-    assert summary["classes"] == ["water", "tree"] and summary["limits"]
+def test_hello_lists_the_default_model_with_what_it_finds_and_its_limits(fallback_segmenter):
+    about = fallback_segmenter.engines.about("default")
+    info = EngineInfo.from_wire(EngineInfo(available=True, about=about).to_wire())
+    assert info.about == {"name": "default-test", "version": "0.0.1",
+                          "classes": ["water", "tree"], "gsd_m": [8.0, 12.0],
+                          "limits": ["random weights: for tests only"]}

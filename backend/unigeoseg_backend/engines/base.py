@@ -213,6 +213,12 @@ class Engine(ABC):
             WeightsError: weights were named but are wrong (the process stops with it).
         """
 
+    @classmethod
+    def about(cls, settings: EngineSettings) -> dict[str, Any] | None:
+        """What ``hello`` shows of the model ``settings`` offer, read without loading it
+        (name, version, what it finds, its limits); None for nothing beyond ``model``."""
+        return None
+
     @property
     @abstractmethod
     def model_id(self) -> str:

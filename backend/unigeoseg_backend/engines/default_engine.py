@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -265,15 +266,30 @@ class DefaultEngine(Engine):
     def from_folder(cls, folder: Path, device: torch.device | str = "cpu") -> DefaultEngine:
         return cls(load_default_model(folder, device))
 
+    @staticmethod
+    def weights_folder(settings: EngineSettings) -> Path:
+        """The weights folder ``settings`` name, else the shipped one.
+
+        Raises:
+            EngineUnavailableError: none named and none shipped.
+        """
+        if settings.default_model is not None:
+            return Path(settings.default_model)
+        folder = shipped_weights_dir()
+        if not (folder / MODEL_CARD_FILE).is_file():
+            raise EngineUnavailableError(NOT_SHIPPED)
+        return folder
+
     @classmethod
     def loader(cls, settings: EngineSettings) -> Callable[[], DefaultEngine]:
-        folder = settings.default_model
-        if folder is None:
-            folder = shipped_weights_dir()
-            if not (folder / MODEL_CARD_FILE).is_file():
-                raise EngineUnavailableError(NOT_SHIPPED)
-        read_model_card(Path(folder))  # a named folder without a valid card stops here
-        return lambda: cls.from_folder(Path(folder), settings.device)
+        folder = cls.weights_folder(settings)
+        read_model_card(folder)  # a named folder without a valid card stops here
+        return lambda: cls.from_folder(folder, settings.device)
+
+    @classmethod
+    def about(cls, settings: EngineSettings) -> dict[str, Any]:
+        """The model card's summary: name, version, classes, trained pixel sizes, limits."""
+        return read_model_card(cls.weights_folder(settings)).summary()
 
     @property
     def model_id(self) -> str:

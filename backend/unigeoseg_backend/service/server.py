@@ -320,7 +320,8 @@ class Service:
         registry = self.segmenter.engines
         loaded = registry.loaded()
         engines = {name: EngineInfo(available=True, loaded=name in loaded,
-                                    model=loaded.get(name), tasks=tuple(registry.tasks(name)))
+                                    model=loaded.get(name), tasks=tuple(registry.tasks(name)),
+                                    about=registry.about(name))
                    for name in registry.available()}
         for name, reason in registry.reasons_unavailable().items():
             engines.setdefault(name, EngineInfo(available=False, reason=reason))
