@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 from affine import Affine
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
@@ -146,18 +147,15 @@ class _SceneData:
     def load(cls, scene: Scene) -> _SceneData:
         windows = train_windows(scene.name)
         whole = {label: scene_reference(scene, label) for label in SCENE_LABELS[scene.name]}
-        bands, references = [], []
-        nodata = crs = transform = None
-        for window in windows:
-            chip = read_scene(scene, rgb_band_names(scene), window)
-            bands.append(chip.pixels)
-            rows, cols = window.toslices()
-            references.append({label: mask[rows, cols] for label, mask in whole.items()})
-            nodata = chip.nodata
-            crs = chip.crs.to_string() if chip.crs is not None else None
-            # the whole grid's transform: the window's, moved back to the grid's origin
-            transform = chip.transform * Affine.translation(-window.col_off, -window.row_off)
-        return cls(scene, windows, bands, references, nodata, crs, transform)
+        reads = [read_scene(scene, rgb_band_names(scene), window) for window in windows]
+        references = [{label: mask[window.toslices()] for label, mask in whole.items()}
+                      for window in windows]
+        first = reads[0]
+        # the whole grid's transform: the first window's, moved back to the grid's origin
+        transform = first.transform * Affine.translation(-windows[0].col_off,
+                                                         -windows[0].row_off)
+        return cls(scene, windows, [r.pixels for r in reads], references, first.nodata,
+                   first.crs.to_string() if first.crs is not None else None, transform)
 
 
 @dataclass
@@ -428,8 +426,8 @@ def _paste(data: _SceneData, chip: _Chip, donor: _SceneData, paste: Paste, chip_
     # looks like land, and pasted onto another scene it would teach that land is cloud.
     pasted = donor_masks[paste.label] & (donor_rgb.mean(axis=-1) >= paste.min_brightness)
     # a 3 x 3 mean of the mask as opacity, so the pasted edge is not a hard step
-    alpha = np.pad(pasted.astype(np.float32), 1, mode="edge")
-    alpha = sum(alpha[r:r + chip_px, c:c + chip_px] for r in range(3) for c in range(3)) / 9
+    alpha = sliding_window_view(np.pad(pasted.astype(np.float32), 1, mode="edge"),
+                                (3, 3)).mean(axis=(-2, -1))
     blended = alpha[..., None] * donor_rgb + (1 - alpha[..., None]) * rgb
     rgb[...] = np.rint(blended).astype(np.uint8)
     for label in masks:
