@@ -48,6 +48,7 @@ from .unigeoseg_protocol.operations import (
     SetImageRequest,
 )
 from .unigeoseg_protocol.params import Prompt, RasterOptions, SegmentOptions
+from .unigeoseg_protocol.vocabulary import default_engine
 
 
 @dataclass
@@ -184,7 +185,7 @@ class SegmentationController(QObject):
         if not self._ready() or not text.strip():
             return
         hello = self.connection.hello_info
-        engine = hello.engine("unigeoseg") if hello is not None else None
+        engine = hello.engine(self._engine_for(task)) if hello is not None else None
         if engine is None or not engine.available:
             reason = engine.reason if engine is not None and engine.reason else "not available"
             self.message("text prompts need the UniGeoSeg engine, which this backend does not "
@@ -197,7 +198,7 @@ class SegmentationController(QObject):
                               extent.yMaximum()), self.canvas.mapUnitsPerPixel())
         tiles = tile_windows(area, self.settings.tile_size_px)
         run = self.interaction.start_text_run(len(tiles))
-        prompt, options = Prompt(text=text, task=task), self._options("unigeoseg")
+        prompt, options = Prompt(text=text, task=task), self._options(self._engine_for(task))
         for index, tile in enumerate(tiles, start=1):
             request = SegmentRequest(prompt, options,
                                      pixels=render_window(self.source_layer, tile.window),
@@ -271,7 +272,8 @@ class SegmentationController(QObject):
         # Encoding can take seconds on a CPU: show it in the task bar, where it can be cancelled.
         submit(BackendRequestTask(
             f"UniGeoSeg: encoding a {window.width} x {window.height} tile", self.connection,
-            SetImageRequest(pixels, window.georeference, raster, engine="sam"),
+            SetImageRequest(pixels, window.georeference, raster,
+                            engine=self._engine_for("interactive")),
             self.settings.request_timeout_s, on_reply, on_error))
 
     def _segment(self) -> None:
@@ -281,7 +283,7 @@ class SegmentationController(QObject):
         self._set_busy(True)
         object_key = self.session.object_key
         self.interaction.segment_sent(self.connection.call(
-            SegmentRequest(self.session.prompt(), self._options("sam"),
+            SegmentRequest(self.session.prompt(), self._options(self._engine_for("interactive")),
                            image_id=self.session.image_id),
             timeout_s=self.settings.request_timeout_s,
             on_reply=lambda reply: self._on_segment_reply(reply, object_key),
@@ -289,6 +291,7 @@ class SegmentationController(QObject):
 
     def _on_segment_reply(self, reply: SegmentReply, object_key: str) -> None:
         self._set_busy(False)
+        self._show_engine_message(reply)
         if self.interaction.segment_answered(object_key, reply.features):
             self._refresh_overlays()  # source_layer is filled in on accept (to_layer_features)
         if self.interaction.resend:
@@ -302,6 +305,7 @@ class SegmentationController(QObject):
         """Tiles answer one by one: their polygons show as they come (same CRS, the
         canvas's); once every tile has answered they are clipped to the tiles' cores and
         merged across the seams (``results.merge_tile_results``)."""
+        self._show_engine_message(reply)
         if self.interaction.text_tile_done(run, reply.features, core,
                                            results.merge_tile_results):
             self._refresh_overlays()
@@ -316,6 +320,20 @@ class SegmentationController(QObject):
         level = (Qgis.MessageLevel.Info if code == ErrorCode.CANCELLED
                  else Qgis.MessageLevel.Warning)
         self.message(f"{text} ({code})", level)
+
+    def _show_engine_message(self, reply: SegmentReply) -> None:
+        """The engine's sentence about its answer (why there are no polygons, an assumption),
+        when it has one."""
+        if reply.message:
+            self.message(reply.message, Qgis.MessageLevel.Info)
+
+    def _engine_for(self, task: str) -> str:
+        """The engine for ``task``: the preferred one, else the default model when the backend
+        offers only that (``vocabulary.default_engine`` over ``hello``'s available engines)."""
+        hello = self.connection.hello_info
+        offered = None if hello is None else [name for name, info in hello.engines.items()
+                                              if info.available]
+        return default_engine(task, offered)
 
     def _options(self, engine: str) -> SegmentOptions:
         return SegmentOptions(engine=engine, multimask=True,
