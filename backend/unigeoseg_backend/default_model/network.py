@@ -131,6 +131,9 @@ class ImageFeatures:
 class ImageEncoder(nn.Module):
     """B x 3 x H x W (0..255 RGB) -> :class:`ImageFeatures`; runs once per tile."""
 
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
     def __init__(self, config: DefaultModelConfig):
         super().__init__()
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1),
@@ -197,17 +200,20 @@ class PromptBatch:
         """One prompt (B = 1): ``text`` a text_dim vector, ``points`` N x 2 with ``labels``
         N, ``box`` 4 values; any may be None."""
         n = 0 if points is None else int(points.shape[0])
-        f32 = dict(dtype=torch.float32, device=device)
+
+        def floats(value: torch.Tensor | None, *shape: int) -> torch.Tensor:
+            if value is None:
+                return torch.zeros(*shape, dtype=torch.float32, device=device)
+            return value.to(dtype=torch.float32, device=device).reshape(*shape)
+
         return cls(
             task=torch.tensor([TASKS.index(task)], dtype=torch.int64, device=device),
-            text=(torch.zeros(1, text_dim, **f32) if text is None
-                  else text.to(**f32).reshape(1, text_dim)),
+            text=floats(text, 1, text_dim),
             has_text=torch.tensor([text is not None], device=device),
-            points=(torch.zeros(1, 0, 2, **f32) if points is None
-                    else points.to(**f32).reshape(1, n, 2)),
+            points=floats(points, 1, n, 2),
             labels=(torch.zeros(1, 0, dtype=torch.int64, device=device) if labels is None
                     else labels.to(dtype=torch.int64, device=device).reshape(1, n)),
-            boxes=(torch.zeros(1, 4, **f32) if box is None else box.to(**f32).reshape(1, 4)),
+            boxes=floats(box, 1, 4),
             has_box=torch.tensor([box is not None], device=device))
 
     @property
@@ -356,7 +362,7 @@ class DefaultSegmenter(nn.Module):
         if features.stride4.shape[0] == 1 and batch > 1:
             features = features.expand(batch)
         condition = self.prompt_encoder.condition(prompts)
-        maps = [self.prompt_encoder.maps(prompts, tuple(level.shape[-2:]), stride)
+        maps = [self.prompt_encoder.maps(prompts, (level.shape[-2], level.shape[-1]), stride)
                 for level, stride in zip(features.levels, DECODER_STRIDES, strict=True)]
         return self.mask_decoder(features, maps, condition)
 

@@ -355,12 +355,12 @@ class DefaultEngine(Engine):
     def _prompt_batch(self, embedding: DefaultEmbedding, prompt: TilePrompt,
                       text: np.ndarray | None) -> PromptBatch:
         resampling = embedding.resampling
-        has_points = prompt.points is not None and len(prompt.points) > 0
+        points = prompt.points if prompt.points is not None and len(prompt.points) else None
         as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
         return PromptBatch.single(
             prompt.task, text=None if text is None else as_tensor(text),
-            points=as_tensor(resampling.points_to_model(prompt.points)) if has_points else None,
-            labels=torch.as_tensor(prompt.labels) if has_points else None,
+            points=None if points is None else as_tensor(resampling.points_to_model(points)),
+            labels=None if points is None else torch.as_tensor(prompt.labels),
             box=None if prompt.box is None else as_tensor(resampling.box_to_model(prompt.box)),
             text_dim=self.model.config.text_dim, device=self.device)
 
