@@ -214,8 +214,7 @@ class Segmenter:
             return cached, True
         if cancel is not None:
             cancel.check()
-        embedding = (engine.encode(record.rgb, record.grid)  # type: ignore[call-arg]
-                     if engine.capabilities.reads_georeference else engine.encode(record.rgb))
+        embedding = engine.encode_tile(record.rgb, record.grid)
         self.encode_count += 1
         self.embeddings.put(key, embedding, nbytes_of(embedding))
         return embedding, False

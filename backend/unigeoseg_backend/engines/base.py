@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from unigeoseg_protocol.vocabulary import TEXT_TASKS
 
 from ..errors import EmptyPromptError, EngineUnavailableError, InvalidInputError
+
+if TYPE_CHECKING:
+    from ..geo.grid import TileGrid
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,15 @@ class Engine(ABC):
     @abstractmethod
     def encode(self, rgb: np.ndarray) -> Any:
         """The image side of an H x W x 3 uint8 RGB tile (cached; ``nbytes`` says its size).
-        An engine with ``capabilities.reads_georeference`` is called ``encode(rgb, grid)``."""
+        An engine with ``capabilities.reads_georeference`` is called ``encode(rgb, grid)``
+        (:meth:`encode_tile` makes the right call)."""
+
+    def encode_tile(self, rgb: np.ndarray, grid: TileGrid | None) -> Any:
+        """:meth:`encode` of a tile on ``grid``, handing the grid on only to an engine that
+        reads the georeference."""
+        if self.capabilities.reads_georeference:
+            return self.encode(rgb, grid)  # type: ignore[call-arg]
+        return self.encode(rgb)
 
     def decode(self, embedding: Any, prompt: TilePrompt) -> Prediction:
         """One mask for ``prompt`` on an encoded tile; refuses what the engine cannot answer."""
@@ -238,7 +249,11 @@ class Engine(ABC):
     def _decode(self, embedding: Any, prompt: TilePrompt) -> Prediction:
         """:meth:`decode` for a prompt that passed ``capabilities.check``."""
 
-    def segment_tiles(self, tiles: list[np.ndarray], prompt: TilePrompt) -> list[Prediction]:
-        """One prompt on several H x W x 3 uint8 tiles (whole-raster runs). This default
-        encodes and decodes tile by tile; an engine that can batch overrides it."""
-        return [self.decode(self.encode(rgb), prompt) for rgb in tiles]
+    def segment_tiles(self, tiles: list[np.ndarray], prompt: TilePrompt,
+                      grids: Sequence[TileGrid] | None = None) -> list[Prediction]:
+        """One prompt on several H x W x 3 uint8 tiles (whole-raster runs), each on its grid
+        in ``grids`` (None: no georeference). This default encodes and decodes tile by tile;
+        an engine that can batch overrides it."""
+        tile_grids = [None] * len(tiles) if grids is None else list(grids)
+        return [self.decode(self.encode_tile(rgb, grid), prompt)
+                for rgb, grid in zip(tiles, tile_grids, strict=True)]

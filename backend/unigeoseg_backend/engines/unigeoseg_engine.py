@@ -18,7 +18,7 @@ with no foreground point, or with more than three, is refused with a typed error
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from ..model.prompting import MAX_POINTS, build_prompt, interactive_instruction
 from .base import Capabilities, Engine, EngineSettings, Prediction, TilePrompt
 
 if TYPE_CHECKING:  # the model (and transformers) load only when an engine is built
+    from ..geo.grid import TileGrid
     from ..model.unigeoseg import VisionFeatures
 
 logger = logging.getLogger(__name__)
@@ -149,8 +150,10 @@ class UniGeoSegEngine(Engine):
             vision = self.model.encode_images(image[None].to(self.device))
         return UniGeoSegEmbedding(vision=vision, letterbox=box)
 
-    def segment_tiles(self, tiles: list[np.ndarray], prompt: TilePrompt) -> list[Prediction]:
-        """One text prompt on several H x W x 3 uint8 tiles, as one batch on the device.
+    def segment_tiles(self, tiles: list[np.ndarray], prompt: TilePrompt,
+                      grids: Sequence[TileGrid] | None = None) -> list[Prediction]:
+        """One text prompt on several H x W x 3 uint8 tiles, as one batch on the device
+        (``grids`` are not read: UniGeoSeg takes tiles at their own resolution).
 
         For whole-raster runs: tiles of one size travel to the device as one block of bytes
         and are letterboxed there; the prompt is tokenised and embedded once; the language

@@ -3,12 +3,13 @@
 The raster is cut into overlapping tiles (:func:`~..geo.tiling.tile_grid`), read window by
 window. Each tile is converted to RGB like the service does (``to_rgb8``: uint8 kept, other
 types percentile-stretched per tile) and segmented with the prompt by the engine's
-``segment_tiles``, in groups of ``batch_size`` tiles (row-major). Each tile's *core* (the tile
-less half the overlap on sides with a neighbour; cores partition the raster) is pasted into the
-buffer of its tile row; a finished row is one strip for :class:`~..geo.tiling.StripPolygonizer`,
-which merges regions across strip seams, so a region crossing tiles is one polygon, exactly the
-polygon of the stitched mask. Seams between tiles of one row need no merging: the strip is
-polygonised whole.
+``segment_tiles``, in groups of ``batch_size`` tiles (row-major), each tile on its grid (the
+raster's CRS and the window's transform) for an engine that reads the georeference. Each
+tile's *core* (the tile less half the overlap on sides with a neighbour; cores partition the
+raster) is pasted into the buffer of its tile row; a finished row is one strip for
+:class:`~..geo.tiling.StripPolygonizer`, which merges regions across strip seams, so a region
+crossing tiles is one polygon, exactly the polygon of the stitched mask. Seams between tiles of
+one row need no merging: the strip is polygonised whole.
 
 With the model on a GPU, reading (one batch ahead) and vectorizing (finished strips) run on
 threads of their own, so the device is not left waiting for the disk or for GEOS; on the CPU
@@ -23,6 +24,8 @@ batch of tiles, and the regions open across the last seam, whatever the raster's
 Attributes are those of every segment (``Segmenter``): ``score``, ``engine``, ``model``,
 ``task``, ``prompt``, ``created``. A polygon's ``score`` is the mean of its tiles' scores
 weighted by its area in each tile's core; for a polygon inside one core it is that tile's score.
+What the engine said about its answers (``Prediction.message``: an assumption it made, a prompt
+it did not understand) is in the summary, each distinct message once.
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ from typing import Any
 import numpy as np
 import rasterio
 import shapely
+from affine import Affine
+from pyproj import CRS
 
 from unigeoseg_protocol.params import Prompt, RasterOptions
 
 from ..engines.base import Engine, Prediction, TilePrompt
 from ..errors import CRSError, InvalidInputError, NoValidPixelsError
 from ..geo.crs import parse_crs
+from ..geo.grid import TileGrid
 from ..geo.pixels import to_rgb8
 from ..geo.raster_io import read_tile
 from ..geo.tiling import AxisSpan, Region, StripPolygonizer, Tile, axis_spans, tile_grid
@@ -91,12 +97,15 @@ class RasterRunSummary:
     seconds: float
     model: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: The engine's distinct messages on the run's tiles, in the order they first came.
+    messages: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in self.stage_seconds.items())
+        said = "".join(f"\n{message}" for message in self.messages)
         return (f"{self.polygons} polygon(s) written to {self.output} ({self.tiles} tiles in "
                 f"{self.seconds:.1f} s, {self.tiles / max(self.seconds, 1e-9):.2f} tiles/s; "
-                f"{stages}; model {self.model})")
+                f"{stages}; model {self.model}){said}")
 
 
 def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: str | Path,
@@ -144,7 +153,9 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
             simplify=options.simplify, min_area=options.min_area)
         scores = _TileScores(row_spans, col_spans, width, height)
         base = provenance(engine, prompt)
-        with StagedLayer(output, parse_crs(dataset.crs.to_wkt()), LAYER,
+        crs = parse_crs(dataset.crs.to_wkt())
+        messages: dict[str, None] = {}  # an ordered set
+        with StagedLayer(output, crs, LAYER,
                          options.overwrite) as staged:
 
             def write(regions: list[Region]) -> None:
@@ -157,7 +168,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
             on_gpu = engine.device.type == "cuda"
             with _Lane("read", on_gpu) as reader, _Lane("vectorize", on_gpu) as lane:
                 vectorizer = _StripVectorizer(polygonizer, write, lane)
-                pending = reader.submit(_read_batch, dataset, batches[0], bands)
+                pending = reader.submit(_read_batch, dataset, crs, batches[0], bands)
                 done = 0
                 for index, batch in enumerate(batches):
                     if cancel is not None:
@@ -165,12 +176,15 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
                     with stages.timing("read"):  # only the wait, when the reader runs ahead
                         pixels = pending.result()
                     if index + 1 < len(batches):
-                        pending = reader.submit(_read_batch, dataset, batches[index + 1], bands)
+                        pending = reader.submit(_read_batch, dataset, crs, batches[index + 1],
+                                                bands)
                     with stages.timing("segment"):
                         results = list(_segment_batch(pixels, engine, tile_prompt))
-                    for tile, (mask, score) in zip(batch, results, strict=True):
+                    for tile, (mask, score, message) in zip(batch, results, strict=True):
                         strips.paste(tile, mask)
                         scores.set(tile, score)
+                        if message:
+                            messages[message] = None
                     done += len(batch)
                     if progress is not None:
                         progress(done, len(tiles), "segmenting")
@@ -182,7 +196,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
             staged.commit()
     return RasterRunSummary(output=output, polygons=staged.count, tiles=len(tiles),
                             seconds=time.perf_counter() - start, model=engine.model_id,
-                            stage_seconds=stages.seconds)
+                            stage_seconds=stages.seconds, messages=tuple(messages))
 
 
 class _StripAssembler:
@@ -309,30 +323,46 @@ class _StripVectorizer:
         self.add(self.polygonizer.feed(strip))
 
 
-def _read_batch(dataset: rasterio.DatasetReader, batch: list[Tile], bands: list[int] | None
-                ) -> list[tuple[np.ndarray | None, np.ndarray]]:
-    """(RGB uint8 or None, valid-pixel mask) of each tile of ``batch``; the RGB is None for a
-    tile with no valid pixel (its mask is then all False).
+@dataclass(frozen=True)
+class _TilePixels:
+    """One tile as read: RGB uint8 (None for a tile with no valid pixel), its valid-pixel
+    mask (all False then) and its grid (the raster's CRS, the window's transform)."""
+
+    rgb: np.ndarray | None
+    valid: np.ndarray
+    grid: TileGrid
+
+
+def _read_batch(dataset: rasterio.DatasetReader, crs: CRS, batch: list[Tile],
+                bands: list[int] | None) -> list[_TilePixels]:
+    """Each tile of ``batch`` read from ``dataset`` (whose CRS is ``crs``).
 
     Runs on the read lane, the only user of ``dataset`` while the loop runs."""
-    out: list[tuple[np.ndarray | None, np.ndarray]] = []
+    out: list[_TilePixels] = []
     for tile in batch:
-        pixels = read_tile(dataset, tile.window, bands).pixels
+        read = read_tile(dataset, tile.window, bands)
+        height, width = read.pixels.shape[:2]
+        grid = TileGrid(crs=crs, transform=Affine.from_gdal(*read.georeference.geotransform),
+                        width=width, height=height)
         try:
-            out.append(to_rgb8(pixels, RasterOptions()))
+            rgb, valid = to_rgb8(read.pixels, RasterOptions())
+            out.append(_TilePixels(rgb, valid, grid))
         except NoValidPixelsError:
-            out.append((None, np.zeros(pixels.shape[:2], bool)))
+            out.append(_TilePixels(None, np.zeros((height, width), bool), grid))
     return out
 
 
-def _segment_batch(pixels: list[tuple[np.ndarray | None, np.ndarray]], engine: Engine,
-                   prompt: TilePrompt) -> Iterator[tuple[np.ndarray, float]]:
-    """(mask on the tile, score) of each tile: the tiles with valid pixels as one batch."""
+def _segment_batch(pixels: list[_TilePixels], engine: Engine, prompt: TilePrompt
+                   ) -> Iterator[tuple[np.ndarray, float, str]]:
+    """(mask on the tile, score, the engine's message) of each tile: the tiles with valid
+    pixels as one batch."""
+    segmented = [tile for tile in pixels if tile.rgb is not None]
     predictions: Iterator[Prediction] = iter(engine.segment_tiles(
-        [rgb for rgb, _ in pixels if rgb is not None], prompt))
-    for rgb, valid in pixels:
-        if rgb is None:
-            yield valid, 0.0  # nodata only: nothing to segment
+        [tile.rgb for tile in segmented if tile.rgb is not None], prompt,
+        [tile.grid for tile in segmented]))
+    for tile in pixels:
+        if tile.rgb is None:
+            yield tile.valid, 0.0, ""  # nodata only: nothing to segment
             continue
         prediction = next(predictions)
-        yield prediction.mask & valid, float(prediction.score)
+        yield prediction.mask & tile.valid, float(prediction.score), prediction.message
