@@ -304,8 +304,10 @@ class SegmentationController(QObject):
     def _on_text_reply(self, run: TextRun, core: QgsRectangle, reply: SegmentReply) -> None:
         """Tiles answer one by one: their polygons show as they come (same CRS, the
         canvas's); once every tile has answered they are clipped to the tiles' cores and
-        merged across the seams (``results.merge_tile_results``)."""
-        self._show_engine_message(reply)
+        merged across the seams (``results.merge_tile_results``). Each distinct engine
+        message shows once per run."""
+        if run.messages.is_new(reply.message):
+            self._show_engine_message(reply)
         if self.interaction.text_tile_done(run, reply.features, core,
                                            results.merge_tile_results):
             self._refresh_overlays()

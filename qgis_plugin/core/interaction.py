@@ -7,7 +7,8 @@ their own; ``controller.py`` does the I/O (reading tiles, requests, rubber bands
 - Coalescing: one ``segment`` request at a time; clicks made while one is out, or while the
   tile is still being encoded, are sent together in one request once it answers.
 - Text runs: the tiles of a text prompt answer one by one; their polygons show as they come,
-  and once all have answered they are merged across the seams.
+  and once all have answered they are merged across the seams. An engine message shows once
+  per run, however many tiles carry it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..unigeoseg_protocol.errors import ErrorCode
+from .messages import DistinctMessages
 from .session import PromptSession
 from .tiles import TileWindow
 
@@ -34,10 +36,12 @@ class TextRun:
         pending: tiles not answered yet.
         tiles: (FeatureCollection, core) of each tile answered, the core being what
             ``merge`` clips the tile's polygons to.
+        messages: the engine messages shown for the run (each once, not once per tile).
     """
 
     pending: int
     tiles: list[tuple[FeatureCollection, Any]] = field(default_factory=list)
+    messages: DistinctMessages = field(default_factory=DistinctMessages)
 
     def tile_done(self, collection: FeatureCollection | None, core: Any = None) -> None:
         """A tile answered (``collection``) or failed (None)."""

@@ -123,3 +123,12 @@ def test_tiles_of_a_run_that_was_replaced_or_accepted_are_ignored():
     interaction.accepted()
     assert not interaction.text_tile_done(new, _collection("late"), None, lambda t: t)
     assert interaction.session.result is None
+
+
+def test_a_text_run_shows_each_distinct_engine_message_once():
+    run = Interaction().start_text_run(4)
+    said = ["did not understand 'planes'", "did not understand 'planes'", "",
+            "segmented at its own resolution", "did not understand 'planes'"]
+    assert [m for m in said if run.messages.is_new(m)] == [
+        "did not understand 'planes'", "segmented at its own resolution"]
+    assert Interaction().start_text_run(1).messages.is_new("did not understand 'planes'")
