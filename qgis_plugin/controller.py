@@ -32,6 +32,7 @@ from qgis.PyQt.QtGui import QColor
 
 from .core import results
 from .core.crs import crs_from_wire, crs_to_wire
+from .core.engine_choice import engine_for
 from .core.interaction import Interaction, TextRun
 from .core.log import log, warn
 from .core.raster_read import display_bands, is_file_raster
@@ -48,7 +49,6 @@ from .unigeoseg_protocol.operations import (
     SetImageRequest,
 )
 from .unigeoseg_protocol.params import Prompt, RasterOptions, SegmentOptions
-from .unigeoseg_protocol.vocabulary import default_engine
 
 
 @dataclass
@@ -332,10 +332,7 @@ class SegmentationController(QObject):
     def _engine_for(self, task: str) -> str:
         """The engine for ``task``: the preferred one, else the default model when the backend
         offers only that (``vocabulary.default_engine`` over ``hello``'s available engines)."""
-        hello = self.connection.hello_info
-        offered = None if hello is None else [name for name, info in hello.engines.items()
-                                              if info.available]
-        return default_engine(task, offered)
+        return engine_for(self.connection.hello_info, task)
 
     def _options(self, engine: str) -> SegmentOptions:
         return SegmentOptions(engine=engine, multimask=True,

@@ -21,6 +21,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
+from ..core.messages import DistinctMessages
 from ..core.raster_window import (
     RasterGrid,
     RasterTile,
@@ -64,6 +65,7 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
         self._grid: RasterGrid | None = None
         self._provider = None
         self._layer = None
+        self._messages = DistinctMessages()
 
     def group(self) -> str:
         return tr("Segmentation")
@@ -128,6 +130,7 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
     def processAlgorithm(self, parameters, context, feedback) -> dict[str, Any]:
         if feedback is None:  # run() without a feedback object
             feedback = QgsProcessingFeedback()
+        self._messages = DistinctMessages()
         try:
             return self.run_segmentation(parameters, context, feedback)
         finally:
@@ -193,11 +196,16 @@ class UniGeoSegAlgorithm(QgsProcessingAlgorithm):
     def segment_or_skip(self, session: BackendSession, tile: RasterTile, prompt: Prompt,
                         options: SegmentOptions, what: str, feedback) -> SegmentReply | None:
         """The backend's reply for one tile; None (reported) when the backend says the
-        tile or point alone cannot be segmented; QgsProcessingException for other errors."""
+        tile or point alone cannot be segmented; QgsProcessingException for other errors.
+        The engine's message on a reply (a prompt it did not understand, an assumption it
+        made) is reported once per run, however many tiles carry it."""
         try:
-            return session.segment(tile, prompt, options)
+            reply = session.segment(tile, prompt, options)
         except RemoteError as exc:
             if str(exc.code) in SKIPPABLE_CODES:
                 feedback.reportError(f"{what}: {exc.message}; skipped", False)
                 return None
             raise QgsProcessingException(remote_error_message(exc, session.address)) from exc
+        if self._messages.is_new(reply.message):
+            feedback.pushWarning(f"{reply.engine}: {reply.message}")
+        return reply

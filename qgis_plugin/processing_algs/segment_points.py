@@ -17,6 +17,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
+from ..core.engine_choice import engine_for
 from ..core.raster_window import RasterWindowError
 from ..core.settings import PluginSettings
 from ..unigeoseg_protocol.params import Prompt, SegmentOptions
@@ -60,8 +61,9 @@ class SegmentByPointsAlgorithm(UniGeoSegAlgorithm):
 
     def shortHelpString(self) -> str:
         return tr(
-            "Segments the object under each foreground point of a point layer with SAM, "
-            "through a running UniGeoSeg backend (`unigeoseg serve`).\n\n"
+            "Segments the object under each foreground point of a point layer with SAM (or "
+            "the default model when the backend offers no SAM), through a running UniGeoSeg "
+            "backend (`unigeoseg serve`).\n\n"
             "For every foreground point, a window of 'Tile size' pixels around it is read from "
             "the raster at its native resolution (shifted to stay inside the raster) and sent "
             "with the point and the background points that fall in the same window. The "
@@ -136,10 +138,8 @@ class SegmentByPointsAlgorithm(UniGeoSegAlgorithm):
             raise QgsProcessingException(self.invalidSourceError(parameters, self.POINTS))
         label_field = self.parameterAsString(parameters, self.LABEL_FIELD, context) or ""
         tile_px = self.parameterAsInt(parameters, self.TILE_SIZE, context)
-        options = SegmentOptions(
-            engine="sam", simplify=max(self.parameterAsDouble(parameters, self.SIMPLIFY,
-                                                              context), 0.0),
-            min_area=max(self.parameterAsDouble(parameters, self.MIN_AREA, context), 0.0))
+        simplify = max(self.parameterAsDouble(parameters, self.SIMPLIFY, context), 0.0)
+        min_area = max(self.parameterAsDouble(parameters, self.MIN_AREA, context), 0.0)
         foreground, background = self._read_points(source, label_field, context, feedback)
         if not foreground:
             raise QgsProcessingException("The point layer has no foreground point: give at "
@@ -152,12 +152,14 @@ class SegmentByPointsAlgorithm(UniGeoSegAlgorithm):
                 hello = session.hello()
             except Cancelled:
                 return {}
-            sam = hello.engines.get("sam")
-            if sam is None or not sam.available:
-                reason = (sam.reason if sam is not None else None) \
+            engine_name = engine_for(hello, "interactive")
+            engine = hello.engines.get(engine_name)
+            if engine is None or not engine.available:
+                reason = (engine.reason if engine is not None else None) \
                     or "its SAM engine is not available"
                 raise QgsProcessingException(
                     f"The backend at {session.address} cannot segment points: {reason}")
+            options = SegmentOptions(engine=engine_name, simplify=simplify, min_area=min_area)
             sink, dest_id, fields = self.open_sink(parameters, context)
             written = skipped = 0
             for index, (fid, x, y) in enumerate(foreground):

@@ -22,6 +22,7 @@ from qgis.core import (
     QgsRectangle,
 )
 
+from ..core.engine_choice import engine_for
 from ..core.raster_window import RasterWindowError
 from ..core.results import merge_tile_results
 from ..core.settings import PluginSettings
@@ -48,7 +49,8 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
     def shortHelpString(self) -> str:
         return tr(
             "Segments what a text instruction describes (\"the warehouse with the blue roof "
-            "next to the rail yard\") with the UniGeoSeg text engine of a running backend.\n\n"
+            "next to the rail yard\") with the UniGeoSeg text engine of a running backend (or "
+            "the default model when the backend offers only that).\n\n"
             "Task: 'referring' (the instruction names the objects) or 'reasoning' (it needs "
             "reasoning to find them). The extent (default: the whole raster) is cut into "
             "overlapping tiles of 'Tile size' pixels at the raster's native resolution, clipped "
@@ -86,17 +88,16 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
         extent = self.parameterAsExtent(parameters, self.EXTENT, context, self._crs)
         if extent is None or extent.isNull():
             extent = None  # the whole raster
-        options = SegmentOptions(
-            engine="unigeoseg",
-            simplify=max(self.parameterAsDouble(parameters, self.SIMPLIFY, context), 0.0),
-            min_area=max(self.parameterAsDouble(parameters, self.MIN_AREA, context), 0.0))
+        simplify = max(self.parameterAsDouble(parameters, self.SIMPLIFY, context), 0.0)
+        min_area = max(self.parameterAsDouble(parameters, self.MIN_AREA, context), 0.0)
 
         with self.open_session(parameters, context, feedback) as session:
             try:
                 hello = session.hello()
             except Cancelled:
                 return {}
-            engine = hello.engines.get("unigeoseg")
+            engine_name = engine_for(hello, task)
+            engine = hello.engines.get(engine_name)
             if engine is None or not engine.available:
                 reason = (engine.reason if engine is not None else None) \
                     or "the backend does not offer it"
@@ -104,6 +105,7 @@ class SegmentByTextAlgorithm(UniGeoSegAlgorithm):
                     f"The UniGeoSeg text engine is not available in the backend at "
                     f"{session.address} ({reason.rstrip('.')}). Text prompts need a backend "
                     f"started with a text model: `unigeoseg serve --model PATH`.")
+            options = SegmentOptions(engine=engine_name, simplify=simplify, min_area=min_area)
             area = (self._grid.window if extent is None else self._grid.window.covering(
                 extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()))
             if area is None:

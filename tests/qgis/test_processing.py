@@ -667,3 +667,32 @@ def test_skippable_errors_skip_one_point(provider, scene, scripted, tmp_path):
     segments = [h for _, h, _ in backend.requests if h["op"] == "segment"]
     assert len(segments) == 2
     assert [len(s["params"]["prompt"]["points"]) for s in segments] == [1, 1]
+
+
+def test_text_falls_back_to_the_default_model_and_reports_its_message_once(provider, scene,
+                                                                           scripted, tmp_path):
+    _, raster = scene
+    said = "The default model did not understand 'the yellow roof'. It knows: water, tree."
+
+    def handler(header, arrays):
+        if header["op"] == "hello":
+            hello = _hello(text_available=False)
+            hello["engines"]["sam"] = {"available": False, "reason": "no checkpoint"}
+            hello["engines"]["default"] = {"available": True, "loaded": False,
+                                           "model": "default-test@0.0.1",
+                                           "tasks": ["interactive", "referring", "reasoning"]}
+            return hello
+        if header["op"] == "segment":
+            return {**_centre_square(header["params"], arrays), "engine": "default",
+                    "message": said}
+        return ("unknown_op", header["op"])
+
+    backend = scripted(handler)
+    feedback = RecordingFeedback()
+    _run("unigeoseg:segmentbytext", {
+        "INPUT": raster, "PROMPT": "the yellow roof", "TASK": 0, "BACKEND": backend.address,
+        "TILE_SIZE": 100, "OUTPUT": str(tmp_path / "text.gpkg")}, feedback)
+    engines = [header["params"]["options"]["engine"] for _, header, _ in backend.requests
+               if header["op"] == "segment"]
+    assert len(engines) > 1 and set(engines) == {"default"}
+    assert [w for w in feedback.warnings if said in w] == [f"default: {said}"]
