@@ -25,7 +25,7 @@ from unigeoseg_protocol.operations import SegmentReply, SetImageReply
 from unigeoseg_protocol.params import Georeference, Prompt, RasterOptions, SegmentOptions
 from unigeoseg_protocol.vocabulary import default_engine
 
-from .engines.base import Capabilities, Engine, TilePrompt, nbytes_of
+from .engines.base import Capabilities, Engine, TilePrompt, encode_tile, nbytes_of
 from .engines.cache import ByteLRUCache
 from .errors import (
     CancelledError,
@@ -214,7 +214,7 @@ class Segmenter:
             return cached, True
         if cancel is not None:
             cancel.check()
-        embedding = engine.encode_tile(record.rgb, record.grid)
+        embedding = encode_tile(engine, record.rgb, record.grid)
         self.encode_count += 1
         self.embeddings.put(key, embedding, nbytes_of(embedding))
         return embedding, False

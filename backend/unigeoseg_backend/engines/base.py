@@ -231,14 +231,7 @@ class Engine(ABC):
     def encode(self, rgb: np.ndarray) -> Any:
         """The image side of an H x W x 3 uint8 RGB tile (cached; ``nbytes`` says its size).
         An engine with ``capabilities.reads_georeference`` is called ``encode(rgb, grid)``
-        (:meth:`encode_tile` makes the right call)."""
-
-    def encode_tile(self, rgb: np.ndarray, grid: TileGrid | None) -> Any:
-        """:meth:`encode` of a tile on ``grid``, handing the grid on only to an engine that
-        reads the georeference."""
-        if self.capabilities.reads_georeference:
-            return self.encode(rgb, grid)  # type: ignore[call-arg]
-        return self.encode(rgb)
+        (:func:`encode_tile` makes the right call)."""
 
     def decode(self, embedding: Any, prompt: TilePrompt) -> Prediction:
         """One mask for ``prompt`` on an encoded tile; refuses what the engine cannot answer."""
@@ -255,5 +248,13 @@ class Engine(ABC):
         in ``grids`` (None: no georeference). This default encodes and decodes tile by tile;
         an engine that can batch overrides it."""
         tile_grids = [None] * len(tiles) if grids is None else list(grids)
-        return [self.decode(self.encode_tile(rgb, grid), prompt)
+        return [self.decode(encode_tile(self, rgb, grid), prompt)
                 for rgb, grid in zip(tiles, tile_grids, strict=True)]
+
+
+def encode_tile(engine: Engine, rgb: np.ndarray, grid: TileGrid | None) -> Any:
+    """``engine.encode`` of an H x W x 3 uint8 tile on ``grid``, handing the grid on only to an
+    engine that reads the georeference."""
+    if engine.capabilities.reads_georeference:
+        return engine.encode(rgb, grid)  # type: ignore[call-arg]
+    return engine.encode(rgb)
