@@ -76,10 +76,16 @@ FREEZABLE = ("swin", "vision_tower", "connector", "language", "pixel_decoder", "
 
 #: ``[model]`` keys naming pretrained parts (``models.build_model``).
 COMPONENTS = ("swin", "mask2former", "language")
+#: What ``model.family`` can train: UniGeoSeg, or the embedded default model
+#: (``unigeoseg_backend.default_model``; see :mod:`.default_family`).
+FAMILIES = ("unigeoseg", "default")
+#: ``model.freeze`` names of the default model.
+DEFAULT_FREEZABLE = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    family: str = "unigeoseg"       #: "unigeoseg", or "default" (the embedded default model)
     init: str = ""                  #: released-layout model directory to start from
     architecture: str = ""          #: or a registry configuration, randomly initialised
     tokenizer: str = ""             #: its tokenizer folder (tiny architectures have their own)
@@ -90,6 +96,22 @@ class ModelConfig:
     freeze: tuple[str, ...] = ("swin",)      #: components kept fixed (Swin-B: frozen)
     gradient_checkpointing: bool = True
     precision: str = "bf16"         #: "bf16" autocast on CUDA, "fp32"; the CPU always runs fp32
+
+
+@dataclass(frozen=True)
+class DefaultModelConfig:
+    """``[default_model]``: what a ``model.family = "default"`` run writes into the model card,
+    and the regions it states it never trains on (the trainer refuses a chip from them)."""
+
+    name: str = "default-v1"        #: the card's name (hello, provenance)
+    version: str = "1.0.0"
+    gsd_m: tuple[float, float] = (0.05, 35.0)   #: pixel sizes input is resampled into (m)
+    iou_weight: float = 1.0         #: weight of the predicted-IoU regression term
+    limits: tuple[str, ...] = ()    #: what the model cannot do, for the analyst
+    #: Every scene's evaluation window, ``[col_off, row_off, width, height]`` on its grid, as
+    #: ``unigeoseg_backend.default_model.regions`` defines them; checked against that table
+    #: and against every training chip before the first step.
+    never_train_on: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -200,6 +222,7 @@ class TrainConfig:
     metrics: MetricsConfig
     validation: ValidationConfig = ValidationConfig()
     lora: LoraSettings = LoraSettings()
+    default_model: DefaultModelConfig = DefaultModelConfig()
 
     def check_world(self, world_size: int) -> None:
         """Raise ConfigError if the batch cannot be split over ``world_size`` processes."""
@@ -215,6 +238,7 @@ _SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "batch": BatchConfig, "optim": OptimConfig,
     "loss": LossConfig, "tasks": TaskScheduleConfig, "augment": AugmentConfig,
     "distributed": DistributedConfig, "metrics": MetricsConfig, "lora": LoraSettings,
+    "default_model": DefaultModelConfig,
 }
 
 
@@ -375,6 +399,14 @@ def _check(c: TrainConfig, check_paths: bool) -> None:
     _require(c.distributed.backend in ("auto", "nccl", "gloo"), "distributed.backend",
              "use auto, nccl or gloo")
     _check_lora(c.lora, c.model)
+    if c.model.family == "default":
+        _check_default_section(c.default_model)
+        _require(not c.lora.enabled, "lora.enabled", "the default model trains without LoRA")
+        _require(not c.distributed.fsdp, "distributed.fsdp",
+                 "the default model is small: use DDP (fsdp = false)")
+        _require(c.validation.every == 0, "validation.every",
+                 "validation of the default model is its quality check on the evaluation "
+                 "regions, run after training (set validation.every = 0)")
     for i, d in enumerate(c.datasets):
         _check_dataset(d, f"datasets[{i}]", check_paths)
     v = c.validation
@@ -389,6 +421,10 @@ def _check(c: TrainConfig, check_paths: bool) -> None:
 
 def _check_model(m: ModelConfig, check_paths: bool) -> None:
     _require(m.precision in ("bf16", "fp32"), "model.precision", "use bf16 or fp32")
+    _require(m.family in FAMILIES, "model.family", f"use {' or '.join(FAMILIES)}")
+    if m.family == "default":
+        _check_default_model(m)
+        return
     _require(not (m.init and m.architecture), "model.architecture",
              "give model.init (a released-layout folder) or model.architecture, not both")
     if m.architecture:
@@ -411,6 +447,28 @@ def _check_model(m: ModelConfig, check_paths: bool) -> None:
         for key in ("swin", "mask2former"):
             path = getattr(m, key)
             _require(not path or Path(path).is_file(), f"model.{key}", f"{path} is not a file")
+
+
+def _check_default_model(m: ModelConfig) -> None:
+    from unigeoseg_backend.default_model.network import DEFAULT_MODEL_CONFIGS
+
+    _require(m.architecture in DEFAULT_MODEL_CONFIGS, "model.architecture",
+             f"the default model's configuration: one of {', '.join(DEFAULT_MODEL_CONFIGS)}")
+    for key in ("init", "tokenizer", *COMPONENTS):
+        _require(not getattr(m, key), f"model.{key}",
+                 "not used by the default model (it starts from random weights)")
+    for name in m.freeze:
+        _require(name in DEFAULT_FREEZABLE, "model.freeze",
+                 f"unknown default-model component {name!r}; use {', '.join(DEFAULT_FREEZABLE)}"
+                 f" (or freeze = [])")
+
+
+def _check_default_section(d: DefaultModelConfig) -> None:
+    lo, hi = d.gsd_m
+    _require(0 < lo <= hi, "default_model.gsd_m", "give [smallest, largest] metres, both > 0")
+    _require(d.iou_weight >= 0, "default_model.iou_weight", "must not be negative")
+    _require(bool(d.name.strip()) and bool(d.version.strip()), "default_model.name",
+             "give a name and a version")
 
 
 def _check_lora(lora: LoraSettings, m: ModelConfig) -> None:

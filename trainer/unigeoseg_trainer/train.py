@@ -53,7 +53,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ from unigeoseg_backend.distributed import (
 from unigeoseg_backend.errors import WeightsError
 from unigeoseg_backend.model.unigeoseg import UniGeoSeg
 
-from . import checkpointing, sharding
+from . import checkpointing, default_family, sharding
 from .config import ConfigError, TrainConfig, load_config
 from .data import Batch, BatchReader, Mixture, ReadFailures, load_batch, open_mixture
 from .lora import add_lora, merge_adapters
@@ -166,9 +166,9 @@ class Run:
 
     config: TrainConfig
     world: World
-    model: UniGeoSeg                # the model being trained (sharded in place under FSDP)
+    model: Any                      # UniGeoSeg (sharded in place under FSDP) or DefaultSegmenter
     wrapped: nn.Module              # what the step calls: DDP(model) or the model
-    tokenizer: Any
+    tokenizer: Any                  # UniGeoSeg's; None for the default model
     optimizer: torch.optim.Optimizer
     lr_schedule: LearningRateSchedule
     sampler: TaskBatchSampler
@@ -177,6 +177,11 @@ class Run:
     validator: Validator
     batches: BatchReader            # reads the sampler's micro-batches (ahead)
     step: int = 0                   # optimizer steps done
+    classes: list[str] = field(default_factory=list)   # the default model's classes
+
+    @property
+    def is_default_model(self) -> bool:
+        return self.config.model.family == "default"
 
     @property
     def output_dir(self) -> Path:
@@ -184,7 +189,7 @@ class Run:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return next(self.model.parameters()).device
 
     @property
     def sharded(self) -> bool:
@@ -195,7 +200,7 @@ class Run:
         """The model as it leaves the trainer (validation, export): a plain UniGeoSeg with
         the full parameters (gathered from the shards; every process must call it then)
         and the LoRA adapters merged, or the model itself when it is neither."""
-        if not (self.sharded or self.config.lora.enabled):
+        if self.is_default_model or not (self.sharded or self.config.lora.enabled):
             return self.model
         state = (sharding.full_model_state(self.model, on_rank0_cpu=False) if self.sharded
                  else self.model.state_dict())
@@ -204,12 +209,14 @@ class Run:
         return plain_model(self.model.config, state, self.model)
 
 
-def build_optimizer(model: UniGeoSeg, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with one parameter group per trainable component (fixed order: checkpoints
     check it by name)."""
     o = config.optim
+    named = (default_family.default_parameter_groups(model) if config.model.family == "default"
+             else model.trainable_parameter_groups())
     groups = [{"params": list(params.values()), "name": name}
-              for name, params in model.trainable_parameter_groups().items()]
+              for name, params in named.items()]
     if not groups:
         raise ConfigError("model.freeze", "every parameter is frozen: nothing to train")
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps,
@@ -237,6 +244,8 @@ def prepare(config: TrainConfig) -> Run:
                                         "model.architecture (random initialisation)")
     mixture = open_mixture(config.datasets)
     validator = Validator(config.validation, config.run.output_dir, world)
+    if config.model.family == "default":
+        return prepare_default_model(config, world, mixture, validator)
     torch.manual_seed(config.run.seed)        # the same initial weights on every process
     model, tokenizer = build_model(config.model, world.device)
     freeze(model, config.model.freeze)
@@ -253,15 +262,7 @@ def prepare(config: TrainConfig) -> Run:
     lr_schedule = LearningRateSchedule.from_ratio(config.optim.lr, config.optim.min_lr,
                                                   config.optim.warmup_ratio,
                                                   config.run.max_steps)
-    sampler = TaskBatchSampler(
-        mixture.pools, TaskSchedule(config.tasks.start, config.tasks.interactive_end_factor),
-        per_device=config.batch.per_device, max_steps=config.run.max_steps,
-        accumulation=config.batch.accumulation, world_size=world.size, rank=world.rank,
-        seed=config.run.seed)
-    c = config.loss
-    loss = TrainingLoss(PointSampling(c.num_points, c.oversample_ratio,
-                                      c.importance_sample_ratio),
-                        c.bce_weight, c.dice_weight, c.lm_weight)
+    sampler, loss = _sampler_and_loss(config, world, mixture)
     batches = BatchReader(sampler, partial(
         load_batch, mixture=mixture, tokenizer=tokenizer, augment=config.augment,
         seed=config.run.seed, first_place=world.rank * config.batch.per_device,
@@ -275,6 +276,55 @@ def prepare(config: TrainConfig) -> Run:
     if world.distributed and not run.sharded:
         # Every trainable parameter is read by every forward (frozen ones excluded, the
         # LM head always computed): no unused-parameter search.
+        run.wrapped = DistributedDataParallel(
+            model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            find_unused_parameters=False)
+    return run
+
+
+def _sampler_and_loss(config: TrainConfig, world: World, mixture: Mixture
+                      ) -> tuple[TaskBatchSampler, TrainingLoss]:
+    sampler = TaskBatchSampler(
+        mixture.pools, TaskSchedule(config.tasks.start, config.tasks.interactive_end_factor),
+        per_device=config.batch.per_device, max_steps=config.run.max_steps,
+        accumulation=config.batch.accumulation, world_size=world.size, rank=world.rank,
+        seed=config.run.seed)
+    c = config.loss
+    loss = TrainingLoss(PointSampling(c.num_points, c.oversample_ratio,
+                                      c.importance_sample_ratio),
+                        c.bce_weight, c.dice_weight, c.lm_weight)
+    return sampler, loss
+
+
+def prepare_default_model(config: TrainConfig, world: World, mixture: Mixture,
+                          validator: Validator) -> Run:
+    """:func:`prepare` for ``model.family = "default"`` (:mod:`.default_family`): the chips
+    checked against the evaluation regions, every instruction embedded once, the model."""
+    from unigeoseg_backend.default_model.text_encoder import default_text_encoder
+
+    default_family.check_chip_regions(config, mixture)
+    classes = default_family.text_classes(mixture)
+    phrases = default_family.PhraseEmbeddings(default_text_encoder(), classes)
+    phrases.prepare(mixture)
+    torch.manual_seed(config.run.seed)        # the same initial weights on every process
+    model = default_family.build_default(config, world.device)
+    optimizer = build_optimizer(model, config)
+    lr_schedule = LearningRateSchedule.from_ratio(config.optim.lr, config.optim.min_lr,
+                                                  config.optim.warmup_ratio,
+                                                  config.run.max_steps)
+    sampler, loss = _sampler_and_loss(config, world, mixture)
+    batches = BatchReader(sampler, partial(
+        default_family.load_default_batch, mixture=mixture, phrases=phrases,
+        hflip=config.augment.hflip, vflip=config.augment.vflip, seed=config.run.seed,
+        first_place=world.rank * config.batch.per_device, text_dim=model.config.text_dim),
+        config.batch.num_workers)
+    torch.manual_seed(config.run.seed + world.rank)
+    run = Run(config=config, world=world, model=model, wrapped=model, tokenizer=None,
+              optimizer=optimizer, lr_schedule=lr_schedule, sampler=sampler, mixture=mixture,
+              loss=loss, validator=validator, batches=batches, classes=classes)
+    if config.run.resume:
+        resume(run)
+    if world.distributed:
         run.wrapped = DistributedDataParallel(
             model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
             find_unused_parameters=False)
@@ -389,6 +439,20 @@ def train_step(run: Run, failures: ReadFailures) -> StepResult:
     samples = 0
     task, shares = "", {}
     for micro, (plan, batch, weight) in enumerate(micro_batches(run, failures)):
+        if run.is_default_model:
+            with _gradient_sync(run, micro == accumulation - 1):
+                generators = [sample_generator(config.run.seed, plan.index, place, run.device)
+                              for place in batch.places]
+                result = default_family.default_loss(
+                    run.wrapped, batch, run.loss,
+                    mean_mask_count(world, len(batch) if weight else 0),
+                    config.default_model.iou_weight, run.device, generators)
+                (result.total * (weight / accumulation)).backward()
+            for name, value in result.terms.items():
+                summed[name] = summed.get(name, 0) + value * weight / accumulation
+            samples += len(batch) if weight else 0
+            task, shares = plan.task, plan.shares
+            continue
         with _gradient_sync(run, micro == accumulation - 1):
             with _autocast(run):
                 outputs = run.wrapped(batch.images.to(run.device), batch.prompts,
@@ -453,6 +517,13 @@ def export(run: Run) -> Path:
     from unigeoseg_backend.model.checkpoint import save_released
 
     path = run.output_dir / EXPORT
+    if run.is_default_model:
+        if run.world.is_main:
+            card = default_family.export_default(run.model, run.config, run.mixture,
+                                                 run.classes, run.step, path)
+            logger.info("default model %s written to %s", card.model_id, path)
+        barrier(run.world)
+        return path
     model = run.plain_model()               # every process: gathering the shards is collective
     if run.world.is_main:
         save_released(model, run.tokenizer, path)

@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class Sample:
         image_reader: returns the image as H x W x 3 uint8 RGB; raises SampleReadError.
         mask_reader: returns the foreground as an H x W bool array on the image's grid;
             raises SampleReadError.
+        extra: what else the dataset's record says, for trainers that use it (the
+            ``local`` layout's ``prompt``, ``target`` and ``chip`` of the default model's
+            training chips); empty for the benchmark readers.
     """
 
     sample_id: str
@@ -68,6 +72,7 @@ class Sample:
     image_path: Path
     image_reader: Callable[[], np.ndarray] = field(repr=False, compare=False)
     mask_reader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def read_image(self) -> np.ndarray:
         """H x W x 3 uint8 RGB."""

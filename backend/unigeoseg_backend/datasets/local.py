@@ -17,6 +17,9 @@ Each record::
      "template": "geoseg_bench"}        # optional: geoseg_bench (default), earthreason,
                                         #   refsegrs, rrsisd
 
+Any other key of a record is kept, unread, in ``Sample.extra`` (the default model's chips
+carry their click, box and chip georeference there).
+
 Images: PNG/JPEG, or GeoTIFF chips with 1, 3 or more bands, 8-bit kept, 16-bit/float
 stretched per band (2nd-98th percentile of valid pixels), nodata/NaN -> 0 (see
 :mod:`.images`). Masks: PNG or GeoTIFF, foreground = value > 0, nodata = background.
@@ -39,6 +42,8 @@ from .images import missing_problems, read_mask, read_rgb
 
 NAME = "local"
 REQUIRED_KEYS = ("id", "image", "mask", "instruction", "task")
+#: The keys this reader reads; any other key of a record goes to ``Sample.extra``.
+LOCAL_KEYS = (*REQUIRED_KEYS, "answer", "template")
 
 
 def list_local(root: Path, split: str = "test", task: str | None = None) -> DatasetListing:
@@ -111,5 +116,6 @@ def _record_sample(record: Any, root: Path) -> tuple[Sample, Path]:
     sample = Sample(
         sample_id=str(sample_id), task=task, template=template,
         instruction=record["instruction"], answer=answer or None, image_path=image,
-        image_reader=partial(read_rgb, image), mask_reader=partial(read_mask, mask, "positive"))
+        image_reader=partial(read_rgb, image), mask_reader=partial(read_mask, mask, "positive"),
+        extra={key: value for key, value in record.items() if key not in LOCAL_KEYS})
     return sample, mask

