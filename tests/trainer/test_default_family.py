@@ -185,3 +185,70 @@ def test_a_default_model_run_resumed_midway_ends_bit_identical(chips, tmp_path):
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr
     weights = "model/default_model.safetensors"
     assert_bit_identical(tensors(tmp_path / "a" / weights), tensors(tmp_path / "b" / weights))
+
+
+def write_user_chips(root: Path, class_name: str, instruction: str, count: int = 6,
+                     size: int = 64) -> Path:
+    """Chips of 'the analyst's own imagery' (no packaged scene): noise with one red square
+    each, asked for by ``instruction`` (text) and by a click, in both splits."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(count):
+            image = (rng.random((size, size, 3)) * 120).astype(np.uint8)
+            mask = np.zeros((size, size), bool)
+            r, c = rng.integers(4, size - 24, 2)
+            mask[r:r + 16, c:c + 16] = True
+            image[mask] = (200, 40, 40)
+            Image.fromarray(image).save(root / split / f"{i}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(root / split / f"{i}-m.png")
+            chip = {"scene": None, "window": [0, 0, size, size], "gsd_m": 0.5,
+                    "crs": "EPSG:32633", "transform": [0.5, 0, 500000, 0, -0.5, 6000000]}
+            base = {"image": f"{split}/{i}.png", "mask": f"{split}/{i}-m.png", "chip": chip}
+            lines.append({**base, "id": f"{split}-{i}-text", "instruction": instruction,
+                          "task": "referring", "target": "class",
+                          "prompt": {"kind": "text", "class": class_name}})
+            lines.append({**base, "id": f"{split}-{i}-click", "task": "interactive",
+                          "instruction": "Please segment the region at the point.",
+                          "target": "component",
+                          "prompt": {"kind": "click", "class": class_name,
+                                     "points": [[float(c) + 8.5, float(r) + 8.5]],
+                                     "labels": [1]}})
+        (root / f"{split}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def test_a_fine_tune_learns_a_new_class_and_records_its_score_before_and_after(chips,
+                                                                               tmp_path):
+    base_run = write_config(tmp_path / "base.toml", default_sections(tmp_path / "base"),
+                            [{"name": "local", "root": chips, "split": "train"}])
+    assert run_trainer(base_run).returncode == 0
+    user = write_user_chips(tmp_path / "user", "red roofs", "the red roofs")
+    sections = default_sections(
+        tmp_path / "tuned", run={"max_steps": 6},
+        model={"family": "default", "init": tmp_path / "base" / "model", "freeze": []},
+        validation={"at_start": True, "batch_size": 4},
+        default_model={"name": "red-roofs", "version": "1", "never_train_on": {}})
+    sections["default_model"].pop("never_train_on")
+    sections["model"].pop("architecture", None)
+    config = write_config(tmp_path / "tune.toml", sections,
+                          [{"name": "local", "root": user, "split": "train"}],
+                          [{"name": "local", "root": user, "split": "val"}])
+    done = run_trainer(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "tuned" / "validation" / "summary.json").read_text())
+    print("held-out IoU before", summary["before"]["iou"], "after", summary["after"]["iou"])
+    assert summary["before"]["count"] == summary["after"]["count"] == 12
+    assert summary["before"]["step"] == 0 and summary["after"]["step"] == 6
+    card = json.loads((tmp_path / "tuned" / "model" / "model_card.json").read_text())
+    names = {c["name"]: c for c in card["classes"]}
+    assert {"water", "vegetation", "cloud", "tree", "red roofs"} <= set(names)
+    assert names["red roofs"]["phrases"] == ["the red roofs"]
+    assert "phrases" not in names["water"]
+    assert card["training"]["base_model"] == "default-test@0.0.1"
+    engine = DefaultEngine(load_default_model(tmp_path / "tuned" / "model"))
+    match = engine.vocabulary.match("segment the red roofs")
+    assert getattr(match, "class_name", None) == "red roofs", match

@@ -203,6 +203,8 @@ class ValidationConfig:
     """Periodic validation with the evaluator of ``unigeoseg eval`` (gIoU / cIoU per task)."""
 
     every: int = 0                  #: steps between validations; 0: never (and none at the end)
+    #: also before the first step and after the last (a fine-tune's before / after score)
+    at_start: bool = False
     limit: int = 0                  #: the first N samples of each dataset; 0: all
     batch_size: int = 8
     datasets: tuple[DatasetConfig, ...] = ()   #: ``[[validation.datasets]]`` tables
@@ -404,17 +406,14 @@ def _check(c: TrainConfig, check_paths: bool) -> None:
         _require(not c.lora.enabled, "lora.enabled", "the default model trains without LoRA")
         _require(not c.distributed.fsdp, "distributed.fsdp",
                  "the default model is small: use DDP (fsdp = false)")
-        _require(c.validation.every == 0, "validation.every",
-                 "validation of the default model is its quality check on the evaluation "
-                 "regions, run after training (set validation.every = 0)")
     for i, d in enumerate(c.datasets):
         _check_dataset(d, f"datasets[{i}]", check_paths)
     v = c.validation
     _require(v.every >= 0, "validation.every", "must not be negative")
     _require(v.limit >= 0, "validation.limit", "must not be negative")
     _require(v.batch_size >= 1, "validation.batch_size", "must be at least 1")
-    _require(v.every == 0 or bool(v.datasets), "validation.datasets",
-             "validation.every is set: give at least one [[validation.datasets]] table")
+    _require((v.every == 0 and not v.at_start) or bool(v.datasets), "validation.datasets",
+             "validation is asked for: give at least one [[validation.datasets]] table")
     for i, d in enumerate(v.datasets):
         _check_dataset(d, f"validation.datasets[{i}]", check_paths)
 
@@ -423,7 +422,7 @@ def _check_model(m: ModelConfig, check_paths: bool) -> None:
     _require(m.precision in ("bf16", "fp32"), "model.precision", "use bf16 or fp32")
     _require(m.family in FAMILIES, "model.family", f"use {' or '.join(FAMILIES)}")
     if m.family == "default":
-        _check_default_model(m)
+        _check_default_model(m, check_paths)
         return
     _require(not (m.init and m.architecture), "model.architecture",
              "give model.init (a released-layout folder) or model.architecture, not both")
@@ -449,14 +448,19 @@ def _check_model(m: ModelConfig, check_paths: bool) -> None:
             _require(not path or Path(path).is_file(), f"model.{key}", f"{path} is not a file")
 
 
-def _check_default_model(m: ModelConfig) -> None:
+def _check_default_model(m: ModelConfig, check_paths: bool) -> None:
     from unigeoseg_backend.default_model.network import DEFAULT_MODEL_CONFIGS
 
-    _require(m.architecture in DEFAULT_MODEL_CONFIGS, "model.architecture",
+    _require(bool(m.init) != bool(m.architecture), "model.architecture",
+             "give model.init (a default-model weights folder: a fine-tune) or "
+             "model.architecture (random weights), one of them")
+    _require(not m.architecture or m.architecture in DEFAULT_MODEL_CONFIGS,
+             "model.architecture",
              f"the default model's configuration: one of {', '.join(DEFAULT_MODEL_CONFIGS)}")
-    for key in ("init", "tokenizer", *COMPONENTS):
-        _require(not getattr(m, key), f"model.{key}",
-                 "not used by the default model (it starts from random weights)")
+    for key in ("tokenizer", *COMPONENTS):
+        _require(not getattr(m, key), f"model.{key}", "not used by the default model")
+    if check_paths and m.init:
+        _require(Path(m.init).is_dir(), "model.init", f"{m.init} is not a directory")
     for name in m.freeze:
         _require(name in DEFAULT_FREEZABLE, "model.freeze",
                  f"unknown default-model component {name!r}; use {', '.join(DEFAULT_FREEZABLE)}"

@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from unigeoseg_backend.datasets import SampleReadError
+from unigeoseg_backend.datasets import DatasetListing, Sample, SampleReadError
 from unigeoseg_backend.default_model import regions
 from unigeoseg_backend.default_model.network import (
     PAD_LABEL,
@@ -50,6 +51,7 @@ from unigeoseg_backend.default_model.network import (
 )
 from unigeoseg_backend.default_model.text_encoder import (
     DEFAULT_CLASSES,
+    KnownClass,
     MiniLMTextEncoder,
     NotUnderstood,
     PhraseVocabulary,
@@ -58,6 +60,7 @@ from unigeoseg_backend.default_model.weights_io import (
     ClassCard,
     GsdRange,
     ModelCard,
+    load_default_model,
     save_default_model,
 )
 from unigeoseg_protocol.vocabulary import TASKS
@@ -78,15 +81,24 @@ TEXT_ENCODER = {"name": "sentence-transformers/all-MiniLM-L6-v2",
 
 # ------------------------------------------------------------------ model
 
-def build_default(config: TrainConfig, device: torch.device) -> DefaultSegmenter:
-    """A random ``model.architecture`` in train mode, ``model.freeze`` parts frozen (the
-    caller seeds torch first: every process must draw the same weights)."""
-    model = build_default_model(config.model.architecture).to(device)
+def build_default(config: TrainConfig, device: torch.device
+                  ) -> tuple[DefaultSegmenter, ModelCard | None]:
+    """The model in train mode with ``model.freeze`` parts frozen, and the card of the
+    folder it started from: ``model.init`` (a default-model weights folder: a fine-tune,
+    SHA-256 checked) or a random ``model.architecture`` (the caller seeds torch first: every
+    process must draw the same weights; no card)."""
+    base = None
+    if config.model.init:
+        loaded = load_default_model(Path(config.model.init), device)
+        model, base = loaded.model, loaded.card
+        logger.info("starting from %s (%s)", config.model.init, base.model_id)
+    else:
+        model = build_default_model(config.model.architecture).to(device)
     for name in config.model.freeze:
         for parameter in getattr(model, name).parameters():
             parameter.requires_grad_(False)
     set_default_train_mode(model)
-    return model
+    return model, base
 
 
 def set_default_train_mode(model: DefaultSegmenter) -> None:
@@ -109,20 +121,25 @@ def default_parameter_groups(model: DefaultSegmenter) -> dict[str, dict[str, tor
 
 # ------------------------------------------------------------------ text
 
-def text_classes(mixture: Mixture) -> list[str]:
-    """The classes the data asks for with a non-empty target (the model's classes)."""
-    found = set()
+def text_classes(mixture: Mixture, base: ModelCard | None = None) -> list[KnownClass]:
+    """The classes the model will know, with the phrasings instructions are matched to: the
+    base card's (a fine-tune keeps them), then every class the data asks for with a
+    non-empty target. A built-in class (``DEFAULT_CLASSES``) keeps its phrasings; a class
+    the code does not know is learnt with the instructions it is asked with."""
+    found: dict[str, set[str]] = {}
     for samples in mixture.samples.values():
         for sample in samples:
             prompt = sample.extra.get("prompt", {})
             if prompt.get("kind") == "text" and sample.extra.get("target") != "empty":
-                found.add(prompt.get("class"))
-    known = [c.name for c in DEFAULT_CLASSES]
-    unknown = sorted(c for c in found if c not in known)
-    if unknown:
-        raise ConfigError("datasets", f"classes {unknown} have no phrasings in "
-                                      f"text_encoder.DEFAULT_CLASSES")
-    return [c for c in known if c in found]
+                found.setdefault(str(prompt.get("class")), set()).add(sample.instruction)
+    classes = list(base.known_classes()) if base is not None else []
+    for builtin in DEFAULT_CLASSES:
+        if builtin.name in found and all(c.name != builtin.name for c in classes):
+            classes.append(builtin)
+    for name, instructions in sorted(found.items()):
+        if all(c.name != name for c in classes):
+            classes.append(KnownClass(name, tuple(sorted(instructions))))
+    return classes
 
 
 class PhraseEmbeddings:
@@ -134,22 +151,20 @@ class PhraseEmbeddings:
     counted (``mismatched``), so a wording list and the vocabulary drifting apart shows up.
     """
 
-    def __init__(self, encoder: MiniLMTextEncoder, classes: list[str]):
-        self.vocabulary = PhraseVocabulary(encoder, [c for c in DEFAULT_CLASSES
-                                                     if c.name in classes])
+    def __init__(self, encoder: MiniLMTextEncoder, classes: list[KnownClass]):
+        self.vocabulary = PhraseVocabulary(encoder, classes)
         self.encoder = encoder
         self._vectors: dict[str, np.ndarray] = {}
         self.mismatched: Counter[str] = Counter()
 
-    def prepare(self, mixture: Mixture) -> None:
+    def prepare(self, samples: Iterable[Sample]) -> None:
         """Embed every distinct instruction of the text samples once (before training: the
         read-ahead threads then only look vectors up)."""
         wanted: dict[str, str] = {}
-        for samples in mixture.samples.values():
-            for sample in samples:
-                prompt = sample.extra.get("prompt", {})
-                if prompt.get("kind") == "text":
-                    wanted.setdefault(sample.instruction, str(prompt.get("class")))
+        for sample in samples:
+            prompt = sample.extra.get("prompt", {})
+            if prompt.get("kind") == "text":
+                wanted.setdefault(sample.instruction, str(prompt.get("class")))
         phrases: dict[str, str] = {}
         for instruction, class_name in wanted.items():
             match = self.vocabulary.match(instruction)
@@ -333,18 +348,71 @@ def default_loss(model: torch.nn.Module, batch: DefaultBatch, loss: TrainingLoss
                                           "loss": total.detach()})
 
 
+# ------------------------------------------------------------------ validation
+
+@torch.no_grad()
+def validate_default(model: DefaultSegmenter, listings: Sequence[DatasetListing],
+                     phrases: PhraseEmbeddings, batch_size: int, device: torch.device,
+                     limit: int = 0) -> dict[str, Any]:
+    """Mean IoU of the thresholded masks on every validation sample (unflipped), per
+    dataset and over all: ``{"iou": float, "count": int, "datasets": [...]}``. Unreadable
+    samples are counted as skipped."""
+    model.eval()
+    mixture = Mixture(pools=[], samples={f"validation[{i}]": list(listing.samples[:limit or None])
+                                         for i, listing in enumerate(listings)})
+    per_dataset, ious = [], []
+    failures = ReadFailures()
+    for key, samples in mixture.samples.items():
+        dataset_ious: list[float] = []
+        by_task: dict[str, list[int]] = {}
+        for index, sample in enumerate(samples):
+            by_task.setdefault(sample.task, []).append(index)
+        for task, indices in sorted(by_task.items()):
+            for start in range(0, len(indices), batch_size):
+                plan = BatchPlan(index=0, step=0, task=task, shares={}, items=[
+                    (key, i) for i in indices[start:start + batch_size]])
+                batch = load_default_batch(plan, mixture, phrases, 0.0, 0.0, seed=0,
+                                           first_place=0, text_dim=model.config.text_dim,
+                                           failures=failures)
+                if batch is None:
+                    continue
+                logits, _ = model(batch.images.to(device), prompts_to(batch.prompts, device))
+                targets = batch.targets.to(device)
+                full = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
+                                     align_corners=False)[:, 0] > 0
+                inter = (full & targets).flatten(1).sum(1).float()
+                union = (full | targets).flatten(1).sum(1).float()
+                iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+                dataset_ious += iou.tolist()
+        per_dataset.append({"name": key, "iou": float(np.mean(dataset_ious)) if dataset_ious
+                            else None, "count": len(dataset_ious)})
+        ious += dataset_ious
+    set_default_train_mode(model)
+    return {"iou": float(np.mean(ious)) if ious else None, "count": len(ious),
+            "skipped": failures.total, "datasets": per_dataset}
+
+
 # ------------------------------------------------------------------ regions
 
 def check_chip_regions(config: TrainConfig, mixture: Mixture) -> None:
     """Refuse to train on an evaluation region.
 
+    When any chip comes from one of the packaged scenes (``chip.scene`` names one),
     ``default_model.never_train_on`` must state exactly the evaluation windows of
-    ``regions.REGIONS``, and every chip's source window (and the window its stretch was
-    computed over) must lie inside a training window of its scene.
+    ``regions.REGIONS``, and every such chip's source window (and the window its stretch was
+    computed over) must lie inside a training window of its scene. Chips of the analyst's
+    own imagery (``chip.scene`` null, a fine-tune) have no evaluation region here: their
+    held-out objects are the validation split.
 
     Raises:
         ConfigError: naming the scene and the window.
     """
+    packaged = [(key, sample) for key, samples in mixture.samples.items()
+                for sample in samples
+                if not isinstance(sample.extra.get("chip"), dict)
+                or sample.extra["chip"].get("scene") is not None]
+    if not packaged and not config.default_model.never_train_on:
+        return
     stated = {scene: tuple(w) for scene, w in config.default_model.never_train_on.items()}
     defined = {}
     for region in regions.REGIONS:
@@ -356,27 +424,26 @@ def check_chip_regions(config: TrainConfig, mixture: Mixture) -> None:
         raise ConfigError("default_model.never_train_on", (
             f"must state the evaluation regions of unigeoseg_backend.default_model.regions "
             f"exactly: {defined}; the configuration says {stated}"))
-    for key, samples in mixture.samples.items():
-        for sample in samples:
-            chip = sample.extra.get("chip")
-            if not isinstance(chip, dict):
-                raise ConfigError(key, f"sample {sample.sample_id} names no chip (scene and "
-                                       f"window): it cannot be checked against the "
-                                       f"evaluation regions")
-            for window_key in ("window", "stretch_window"):
-                if window_key not in chip:
-                    continue
-                col, row, width, height = (int(v) for v in chip[window_key])
-                try:
-                    regions.check_training_window(
-                        str(chip["scene"]), regions.Window(col, row, width, height))
-                except (KeyError, ValueError) as exc:
-                    raise ConfigError(key, f"sample {sample.sample_id}: {exc}") from exc
+    for key, sample in packaged:
+        chip = sample.extra.get("chip")
+        if not isinstance(chip, dict):
+            raise ConfigError(key, f"sample {sample.sample_id} names no chip (scene and "
+                                   f"window): it cannot be checked against the evaluation "
+                                   f"regions")
+        for window_key in ("window", "stretch_window"):
+            if window_key not in chip:
+                continue
+            col, row, width, height = (int(v) for v in chip[window_key])
+            try:
+                regions.check_training_window(
+                    str(chip["scene"]), regions.Window(col, row, width, height))
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(key, f"sample {sample.sample_id}: {exc}") from exc
 
 
 # ------------------------------------------------------------------ export
 
-def class_gsd_ranges(mixture: Mixture, classes: list[str]) -> dict[str, GsdRange]:
+def class_gsd_ranges(mixture: Mixture, classes: Sequence[str]) -> dict[str, GsdRange]:
     """Each class's ground pixel sizes over the chips where it is a non-empty target."""
     sizes: dict[str, list[float]] = {c: [] for c in classes}
     for samples in mixture.samples.values():
@@ -388,20 +455,43 @@ def class_gsd_ranges(mixture: Mixture, classes: list[str]) -> dict[str, GsdRange
     return {c: GsdRange(round(min(v), 4), round(max(v), 4)) for c, v in sizes.items() if v}
 
 
+def card_classes(classes: Sequence[KnownClass], mixture: Mixture,
+                 base: ModelCard | None) -> tuple[ClassCard, ...]:
+    """The card's classes: each with the pixel sizes the data trained it at (joined with the
+    base card's), and the phrasings of a class the code does not know."""
+    ranges = class_gsd_ranges(mixture, [c.name for c in classes])
+    builtin = {c.name for c in DEFAULT_CLASSES}
+    cards = []
+    for known in classes:
+        before = base.class_card(known.name) if base is not None else None
+        seen = ranges.get(known.name)
+        if before is not None and seen is not None:
+            seen = GsdRange(min(seen.min_m, before.gsd.min_m), max(seen.max_m, before.gsd.max_m))
+        gsd = seen or (before.gsd if before is not None else None)
+        if gsd is None:
+            continue
+        cards.append(ClassCard(known.name, gsd,
+                               () if known.name in builtin else tuple(known.phrases)))
+    return tuple(cards)
+
+
 def export_default(model: DefaultSegmenter, config: TrainConfig, mixture: Mixture,
-                   classes: list[str], steps: int,
-                   folder: Path) -> ModelCard:
+                   classes: Sequence[KnownClass], steps: int, folder: Path,
+                   base: ModelCard | None = None) -> ModelCard:
     """Write the weights and the model card into ``folder`` (replaced atomically: a sibling
     temporary folder renamed over it)."""
     d = config.default_model
-    ranges = class_gsd_ranges(mixture, classes)
+    architecture = base.config if base is not None else config.model.architecture
+    gsd = GsdRange(*d.gsd_m)
+    if base is not None:
+        gsd = GsdRange(min(gsd.min_m, base.gsd.min_m), max(gsd.max_m, base.gsd.max_m))
     card = ModelCard(
-        name=d.name, version=d.version, config=config.model.architecture,
+        name=d.name, version=d.version, config=architecture,
         weights_file=WEIGHTS_FILE, sha256="", text_encoder=TEXT_ENCODER,
-        gsd=GsdRange(*d.gsd_m), classes=tuple(ClassCard(c, ranges[c]) for c in classes
-                                              if c in ranges),
-        limits=d.limits,
+        gsd=gsd, classes=card_classes(classes, mixture, base),
+        limits=d.limits or (base.limits if base is not None else ()),
         training={"steps": steps, "seed": config.run.seed,
+                  "base_model": base.model_id if base is not None else None,
                   "global_batch": config.batch.per_device * config.batch.accumulation,
                   "lr": config.optim.lr, "datasets": [
                       {"name": e.name, "root": os.path.basename(e.root), "split": e.split}

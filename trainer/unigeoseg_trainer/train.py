@@ -177,7 +177,9 @@ class Run:
     validator: Validator
     batches: BatchReader            # reads the sampler's micro-batches (ahead)
     step: int = 0                   # optimizer steps done
-    classes: list[str] = field(default_factory=list)   # the default model's classes
+    classes: list[Any] = field(default_factory=list)   # the default model's KnownClasses
+    base_card: Any = None           # the default model's card it started from, if any
+    phrases: Any = None             # the default model's PhraseEmbeddings
 
     @property
     def is_default_model(self) -> bool:
@@ -303,11 +305,12 @@ def prepare_default_model(config: TrainConfig, world: World, mixture: Mixture,
     from unigeoseg_backend.default_model.text_encoder import default_text_encoder
 
     default_family.check_chip_regions(config, mixture)
-    classes = default_family.text_classes(mixture)
-    phrases = default_family.PhraseEmbeddings(default_text_encoder(), classes)
-    phrases.prepare(mixture)
     torch.manual_seed(config.run.seed)        # the same initial weights on every process
-    model = default_family.build_default(config, world.device)
+    model, base = default_family.build_default(config, world.device)
+    classes = default_family.text_classes(mixture, base)
+    phrases = default_family.PhraseEmbeddings(default_text_encoder(), classes)
+    phrases.prepare([s for samples in mixture.samples.values() for s in samples]
+                    + [s for listing in validator.listings for s in listing.samples])
     optimizer = build_optimizer(model, config)
     lr_schedule = LearningRateSchedule.from_ratio(config.optim.lr, config.optim.min_lr,
                                                   config.optim.warmup_ratio,
@@ -321,7 +324,8 @@ def prepare_default_model(config: TrainConfig, world: World, mixture: Mixture,
     torch.manual_seed(config.run.seed + world.rank)
     run = Run(config=config, world=world, model=model, wrapped=model, tokenizer=None,
               optimizer=optimizer, lr_schedule=lr_schedule, sampler=sampler, mixture=mixture,
-              loss=loss, validator=validator, batches=batches, classes=classes)
+              loss=loss, validator=validator, batches=batches, classes=classes,
+              base_card=base, phrases=phrases)
     if config.run.resume:
         resume(run)
     if world.distributed:
@@ -520,7 +524,7 @@ def export(run: Run) -> Path:
     if run.is_default_model:
         if run.world.is_main:
             card = default_family.export_default(run.model, run.config, run.mixture,
-                                                 run.classes, run.step, path)
+                                                 run.classes, run.step, path, run.base_card)
             logger.info("default model %s written to %s", card.model_id, path)
         barrier(run.world)
         return path
@@ -550,6 +554,8 @@ def run_loop(run: Run) -> Path:
     with MetricsLog(run.output_dir, enabled=world.is_main,
                     tensorboard=config.metrics.tensorboard) as metrics, \
             _progress(run) as bar:
+        if run.is_default_model and config.validation.at_start and run.step == 0:
+            validate_default_model(run, metrics, "before")
         while run.step < config.run.max_steps:
             started = time.perf_counter()
             result = train_step(run, failures)
@@ -575,13 +581,42 @@ def run_loop(run: Run) -> Path:
             if run.step % config.run.checkpoint_every == 0 or run.step == config.run.max_steps:
                 save(run)
                 throughput.restart()
-            if run.validator.due(run.step, config.run.max_steps):
+            if run.is_default_model:
+                if run.step == config.run.max_steps and (config.validation.at_start
+                                                         or config.validation.every):
+                    validate_default_model(run, metrics, "after")
+                elif run.validator.due(run.step, config.run.max_steps):
+                    validate_default_model(run, metrics, None)
+            elif run.validator.due(run.step, config.run.max_steps):
                 scores = run.validator.run(run.plain_model(), run.tokenizer, run.step)
                 metrics.write(run.step, scores)
                 set_train_mode(run.model)
                 throughput.restart()
     run.batches.close()
     return export(run)
+
+
+def validate_default_model(run: Run, metrics: MetricsLog, moment: str | None) -> None:
+    """The default model's mean IoU on the validation datasets (rank 0 scores; the others
+    wait), logged as ``val/iou``; ``moment`` "before" / "after" also records it in
+    ``<output_dir>/validation/summary.json`` (a fine-tune's before / after score)."""
+    if run.world.is_main:
+        v = run.config.validation
+        scores = default_family.validate_default(run.model, run.validator.listings,
+                                                 run.phrases, v.batch_size, run.device,
+                                                 v.limit)
+        metrics.write(run.step, {"val/iou": scores["iou"], "val/count": scores["count"]})
+        logger.info("validation at step %d: IoU %s over %d samples", run.step, scores["iou"],
+                    scores["count"])
+        if moment is not None:
+            path = run.output_dir / "validation" / "summary.json"
+            summary = json.loads(path.read_text()) if path.is_file() else {}
+            summary[moment] = {**scores, "step": run.step}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = path.with_suffix(".json.part")
+            staged.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+            os.replace(staged, path)
+    barrier(run.world)
 
 
 def main(argv: list[str] | None = None) -> int:

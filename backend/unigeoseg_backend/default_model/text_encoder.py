@@ -44,6 +44,8 @@ MAX_TOKENS = 256  # the model's max_seq_length
 #: paraphrases not in the phrase lists score 0.55-0.8 on their class, unrelated subjects
 #: 0.3-0.5 on the known classes.
 MATCH_THRESHOLD = 0.5
+#: An unsupported subject at least this similar to a known class phrasing is that class's.
+SUBJECT_COVERED = 0.8
 
 
 def minilm_model_dir() -> Path:
@@ -236,12 +238,17 @@ class PhraseVocabulary:
                  threshold: float = MATCH_THRESHOLD):
         self.encoder = encoder
         self.classes = tuple(classes)
-        self.unsupported = tuple(unsupported)
         self.threshold = threshold
         self._phrases = [p for c in self.classes for p in c.phrases]
         self._phrase_class = [c.name for c in self.classes for _ in c.phrases]
         self._phrase_vectors = encoder.encode(self._phrases)
-        self._unsupported_vectors = encoder.encode(self.unsupported)
+        # A subject that a class now covers (a fine-tune that learnt "buildings") is no
+        # longer refused: only subjects unlike every known phrasing stay on the list.
+        vectors = encoder.encode(unsupported) if len(unsupported) else np.zeros((0, 1))
+        covered = ((vectors @ self._phrase_vectors.T).max(axis=1) >= SUBJECT_COVERED
+                   if len(unsupported) else np.zeros(0, bool))
+        self.unsupported = tuple(u for u, c in zip(unsupported, covered, strict=True) if not c)
+        self._unsupported_vectors = vectors[~covered] if len(unsupported) else vectors
 
     @property
     def class_names(self) -> tuple[str, ...]:

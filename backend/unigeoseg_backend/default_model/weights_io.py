@@ -33,6 +33,7 @@ from ..errors import WeightsError
 from ..model.weight_files import check_layout, read_json, read_state_file
 from ..weights import sha256_file
 from .network import DEFAULT_MODEL_CONFIGS, DefaultSegmenter, build_default_model
+from .text_encoder import DEFAULT_CLASSES, KnownClass
 
 #: The model card's file name inside a weights folder.
 MODEL_CARD_FILE = "model_card.json"
@@ -69,11 +70,22 @@ class GsdRange:
 
 @dataclass(frozen=True)
 class ClassCard:
-    """A class the model was trained to find (a ``text_encoder.DEFAULT_CLASSES`` name), and
-    the pixel sizes it was trained at."""
+    """A class the model was trained to find, and the pixel sizes it was trained at.
+
+    ``phrases``: the wordings instructions are matched against. Empty for a built-in class
+    (a ``text_encoder.DEFAULT_CLASSES`` name, whose phrasings are the code's); a class learnt
+    in a fine-tune brings the instructions it was trained with.
+    """
 
     name: str
     gsd: GsdRange
+    phrases: tuple[str, ...] = ()
+
+    def known_class(self) -> KnownClass | None:
+        """The phrasings to match instructions against, or None when there are none."""
+        if self.phrases:
+            return KnownClass(self.name, self.phrases)
+        return next((c for c in DEFAULT_CLASSES if c.name == self.name), None)
 
 
 @dataclass(frozen=True)
@@ -122,11 +134,16 @@ class ModelCard:
     def class_card(self, name: str) -> ClassCard | None:
         return next((c for c in self.classes if c.name == name), None)
 
+    def known_classes(self) -> list[KnownClass]:
+        """The card's classes with the phrasings instructions are matched against."""
+        return [k for k in (c.known_class() for c in self.classes) if k is not None]
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["format"] = CARD_FORMAT
         data["gsd"] = {"min_m": self.gsd.min_m, "max_m": self.gsd.max_m}
-        data["classes"] = [{"name": c.name, "gsd": {"min_m": c.gsd.min_m, "max_m": c.gsd.max_m}}
+        data["classes"] = [{"name": c.name, "gsd": {"min_m": c.gsd.min_m, "max_m": c.gsd.max_m},
+                            **({"phrases": list(c.phrases)} if c.phrases else {})}
                            for c in self.classes]
         data["limits"] = list(self.limits)
         return data
@@ -148,7 +165,8 @@ class ModelCard:
                 text_encoder={str(k): str(v) for k, v in data["text_encoder"].items()},
                 gsd=GsdRange(float(data["gsd"]["min_m"]), float(data["gsd"]["max_m"])),
                 classes=tuple(ClassCard(str(c["name"]), GsdRange(float(c["gsd"]["min_m"]),
-                                                                 float(c["gsd"]["max_m"])))
+                                                                 float(c["gsd"]["max_m"])),
+                                        tuple(str(p) for p in c.get("phrases", ())))
                               for c in data["classes"]),
                 limits=tuple(str(s) for s in data.get("limits", ())),
                 mask_threshold=float(data.get("mask_threshold", 0.5)),

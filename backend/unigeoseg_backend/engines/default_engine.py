@@ -37,7 +37,6 @@ from unigeoseg_protocol.vocabulary import TASKS
 
 from ..default_model.network import OUTPUT_STRIDE, STRIDE, ImageFeatures, PromptBatch
 from ..default_model.text_encoder import (
-    DEFAULT_CLASSES,
     NotUnderstood,
     PhraseVocabulary,
     default_text_encoder,
@@ -298,9 +297,8 @@ class DefaultEngine(Engine):
     @property
     def vocabulary(self) -> PhraseVocabulary:
         if self._vocabulary is None:
-            known = {c.name for c in self.card.classes}
-            self._vocabulary = PhraseVocabulary(
-                default_text_encoder(), [c for c in DEFAULT_CLASSES if c.name in known])
+            self._vocabulary = PhraseVocabulary(default_text_encoder(),
+                                                self.card.known_classes())
         return self._vocabulary
 
     @torch.inference_mode()
