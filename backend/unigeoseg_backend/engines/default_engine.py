@@ -124,8 +124,10 @@ class TileResampling:
         else:
             scale_col = tile_gsd_m[0] / trained.clamp(tile_gsd_m[0])  # > 1: upsampling
             scale_row = tile_gsd_m[1] / trained.clamp(tile_gsd_m[1])
-            limit = max(1.0, max_side / max(height, width))
-            scale_col, scale_row = min(scale_col, limit), min(scale_row, limit)
+            # each side is capped on its own: a tile with tall pixels (degrees far from the
+            # equator) upsamples its rows more than its columns
+            scale_col = min(scale_col, max(1.0, max_side / width))
+            scale_row = min(scale_row, max(1.0, max_side / height))
             model_shape = (max(1, round(height * scale_row)), max(1, round(width * scale_col)))
             model_gsd = (tile_gsd_m[0] / scale_col, tile_gsd_m[1] / scale_row)
         padded = (-(-model_shape[0] // STRIDE) * STRIDE, -(-model_shape[1] // STRIDE) * STRIDE)
@@ -319,7 +321,7 @@ class DefaultEngine(Engine):
         if gsd is not None and resampling.model_gsd_m is not None and \
                 not all(g in self.card.gsd for g in resampling.model_gsd_m):
             message = (f"The tile's {min(gsd):.3g} m pixels were upsampled only to "
-                       f"{min(resampling.model_gsd_m):.3g} m (at most {MAX_MODEL_SIDE} px a "
+                       f"{max(resampling.model_gsd_m):.3g} m (at most {MAX_MODEL_SIDE} px a "
                        f"side); the default model was trained at {self.card.gsd.describe()}.")
         features = self.model.encode_image(resampling.image_to_model(rgb, self.device))
         return DefaultEmbedding(features=features, resampling=resampling, message=message)
