@@ -46,6 +46,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from .predict import DEFAULT_MODEL_HELP
+
     serve = sub.add_parser("serve", help="run the ZeroMQ backend service")
     serve.add_argument("--address", help="endpoint to bind (default tcp://127.0.0.1:5557)")
     serve.add_argument("--config", type=Path, help="TOML file of service settings")
@@ -58,6 +60,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                             "layout directory, or a name under <weights cache>/models/; loaded "
                             "at startup on the same device (bfloat16 on CUDA, float32 on CPU); "
                             "default: the config file's model, else $UNIGEOSEG_MODEL")
+    serve.add_argument("--default-model", type=Path, metavar="DIR", help=DEFAULT_MODEL_HELP)
     serve.add_argument("--max-message-mb", type=float, help="cap on one request's size")
     serve.add_argument("--queue-size", type=int, help="requests allowed to wait")
     serve.add_argument("--request-timeout", type=float, help="default per-request timeout (s)")
@@ -73,6 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..service.logs import configure_logging
     from ..service.server import Service
     from ..weights import configured_model
+    from .predict import configured_default_model
 
     config = ServiceConfig.from_toml(args.config) if args.config else ServiceConfig()
     max_bytes = int(args.max_message_mb * 1024 * 1024) if args.max_message_mb else None
@@ -86,7 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if config.model is None and configured_model(None) is not None:  # flags > TOML > env
         config = config.with_overrides(model=configured_model(None))
     engines = build_engines(EngineSettings(device, config.sam_checkpoint, config.sam_type,
-                                           config.model))
+                                           config.model,
+                                           configured_default_model(args.default_model)))
     for name, reason in engines.reasons_unavailable().items():
         logger.warning("engine %s unavailable: %s", name, reason, extra={"engine": name})
     for name in engines.available():

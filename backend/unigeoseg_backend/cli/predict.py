@@ -6,11 +6,15 @@ service with ``--server`` (so a warm GPU model is reused).
 Points and boxes go to SAM. ``--text`` goes to UniGeoSeg (``--model``) on one window: the
 window around ``--point`` / ``--box`` when given (they then only place the window), else the
 raster's centre. ``--text --whole-raster`` tiles the whole raster (cli/predict_raster.py).
+Where SAM or UniGeoSeg is not available, the default model answers instead: the one shipped
+in the package, or the weights folder ``--default-model`` (else ``$UNIGEOSEG_DEFAULT_MODEL``)
+names, e.g. a training run's export.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,28 @@ from unigeoseg_protocol.params import Prompt, SegmentOptions
 from unigeoseg_protocol.vocabulary import TEXT_TASKS
 
 from ..errors import CRSError, InvalidInputError
+
+#: Environment variable naming the default model's weights folder (model card and
+#: safetensors) to use instead of the one shipped in the package.
+DEFAULT_MODEL_ENV = "UNIGEOSEG_DEFAULT_MODEL"
+DEFAULT_MODEL_HELP = ("the default model's weights folder (model_card.json and its "
+                      "safetensors, e.g. a training run's export) to use instead of the one "
+                      f"shipped in the package (default: ${DEFAULT_MODEL_ENV})")
+
+
+def configured_default_model(explicit: Path | None) -> Path | None:
+    """The default model's weights folder to use: the one given, else
+    ``$UNIGEOSEG_DEFAULT_MODEL``, else None (the one shipped in the package).
+
+    Raises:
+        InvalidInputError: the folder named does not exist.
+    """
+    folder = explicit or (Path(os.environ[DEFAULT_MODEL_ENV]).expanduser()
+                          if os.environ.get(DEFAULT_MODEL_ENV) else None)
+    if folder is not None and not folder.is_dir():
+        source = "--default-model" if explicit else f"${DEFAULT_MODEL_ENV}"
+        raise InvalidInputError(f"the default model folder {folder} ({source}) does not exist")
+    return folder
 
 
 def _point(text: str) -> tuple[float, float, int]:
@@ -68,6 +94,8 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="UniGeoSeg model for --text: a released-layout directory or a name "
                         "under <weights cache>/models/ (default: $UNIGEOSEG_MODEL; with "
                         "--server, the service's is used)")
+    p.add_argument("--default-model", type=Path, metavar="DIR",
+                   help=f"{DEFAULT_MODEL_HELP}; with --server, the service's is used")
     p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint (default: weights cache)")
     p.add_argument("--sam-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
     p.add_argument("--device", default="auto")
@@ -155,7 +183,8 @@ def _segment_local(args: argparse.Namespace, tile, prompt: Prompt, options: Segm
 
     engines = build_engines(EngineSettings(
         select_device(args.device), args.sam_checkpoint, args.sam_type,
-        configured_model(args.model) if prompt.text else None))
+        configured_model(args.model) if prompt.text else None,
+        configured_default_model(args.default_model)))
     segmenter = Segmenter(engines)
     record = segmenter.add_image(tile.pixels, tile.georeference, tile.raster)
     result = segmenter.segment(record, prompt, options)
@@ -172,7 +201,8 @@ def _segment_remote(address: str, tile, prompt: Prompt, options: SegmentOptions)
 
 
 def _summary(reply, address: str | None = None) -> str:
-    """The run's summary line: score, model, where, and the engine's message if any."""
+    """The run's summary line: score, engine and model, where, and the engine's message if
+    any."""
     where = f" via {address}" if address else ""
     message = f"; {reply.message}" if reply.message else ""
-    return f"score {reply.score:.3f}, model {reply.model}{where}{message}"
+    return f"score {reply.score:.3f}, engine {reply.engine}, model {reply.model}{where}{message}"
