@@ -81,3 +81,14 @@ def test_serve_offers_the_default_model_folder_named(weights_dir, backend_factor
         default = client.hello().engine("default")
     assert default.available
     assert default.about is not None and default.about["name"] == "cli-test-model"
+
+
+def test_a_whole_raster_run_is_answered_by_the_default_model_folder_named(geotiff, weights_dir,
+                                                                          tmp_path, capsys):
+    output = tmp_path / "water-whole.gpkg"
+    assert _predict_text(geotiff, output, "--whole-raster", "--no-progress",
+                         "--default-model", str(weights_dir)) == 0
+    line = capsys.readouterr().out
+    print(line)
+    assert f"model {MODEL_ID}" in line
+    assert pyogrio.read_info(str(output))["crs"] == "EPSG:32633"

@@ -40,6 +40,7 @@ def run_predict_raster(args: argparse.Namespace) -> int:
     from ..pipelines.whole_raster import RasterRunOptions, segment_raster
     from ..runtime import build_engines, select_device
     from ..weights import configured_model
+    from .predict import configured_default_model
 
     text = args.text.strip() if args.text else ""
     if not text:
@@ -60,8 +61,9 @@ def run_predict_raster(args: argparse.Namespace) -> int:
         bands=tuple(int(b) for b in args.bands.split(",")) if args.bands else None,
         simplify=args.simplify, min_area=args.min_area, gdal_cache_mb=args.gdal_cache_mb,
         overwrite=args.overwrite)
-    engines = build_engines(EngineSettings(select_device(args.device),
-                                           model=configured_model(args.model)))
+    engines = build_engines(EngineSettings(
+        select_device(args.device), model=configured_model(args.model),
+        default_model=configured_default_model(args.default_model)))
     engine = engines.get(default_engine(str(prompt.task), engines.available()))
     with tqdm(unit="tile", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True,
               desc="segmenting") as bar:
