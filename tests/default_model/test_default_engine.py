@@ -381,3 +381,39 @@ def test_tall_pixels_upsample_each_side_into_the_trained_range():
     print("model pixel size", plan.model_gsd_m, "model shape", plan.model_shape)
     assert all(g <= 35.0 * (1 + 1e-6) for g in plan.model_gsd_m)
     assert max(plan.model_shape) <= 2048
+
+
+class SmallClickModel(BrightnessModel):
+    """Text: bright cells; a click without text: only the cells within 8 px of the first
+    point (an interactive output that sees an extent only in part)."""
+
+    def decode(self, features, prompts):
+        bright = (features.stride4 - 128) / 8
+        h, w = bright.shape[-2:]
+        rows = (torch.arange(h).view(h, 1) + 0.5) * 4
+        cols = (torch.arange(w).view(1, w) + 0.5) * 4
+        out = bright.clone().expand(prompts.batch_size, -1, -1, -1).clone()
+        for i in range(prompts.batch_size):
+            if not prompts.has_text[i] and prompts.points.shape[1]:
+                c, r = prompts.points[i, 0]
+                near = ((cols - c) ** 2 + (rows - r) ** 2) <= 64
+                out[i, 0] = torch.where(near, bright[0, 0], torch.full_like(bright[0, 0], -5))
+        return out, torch.zeros(prompts.batch_size)
+
+
+def test_a_click_alone_on_an_extent_class_selects_its_whole_connected_extent(vocabulary,
+                                                                           monkeypatch):
+    loaded = LoadedDefaultModel(model=SmallClickModel(), card=_card(), folder=Path("."))
+    engine = DefaultEngine(loaded, vocabulary)
+    rgb = np.full((128, 128, 3), 20, np.uint8)
+    rgb[8:40, 8:40] = 240           # another bright patch, not connected to the clicked one
+    rgb[60:124, 40:124] = 240
+    embedding = engine.encode(rgb, _utm_grid(10, 128, 128))
+    click = TilePrompt("interactive", points=np.array([[90.0, 100.0]]), labels=np.array([1]))
+    whole = engine.decode(embedding, click)
+    print("extent share", whole.mask[60:124, 40:124].mean())
+    assert whole.mask[60:124, 40:124].mean() > 0.95 and not whole.mask[8:40, 8:40].any()
+    assert embedding.extent_probabilities is not None   # cached for the next click
+    monkeypatch.setattr(default_engine_module, "EXTENT_CLASSES", frozenset())
+    part = engine.decode(engine.encode(rgb, _utm_grid(10, 128, 128)), click)
+    assert 0 < part.mask.sum() < 0.1 * whole.mask.sum()

@@ -16,7 +16,8 @@ It is what answers when no SAM or UniGeoSeg weights are configured
   and a message saying why and what it does know, never a guess. The model's probability is
   sampled back onto the tile grid exactly (:class:`TileResampling`); with foreground clicks
   the mask is the connected region through them (:func:`region_through_points`), with a box
-  the part inside the box.
+  the part inside the box. A click alone on an extent class (water, vegetation, clouds:
+  :data:`EXTENT_CLASSES`) selects that class's connected extent through it.
 
 A prediction's ``score`` is the model's predicted IoU (0 for an empty mask).
 """
@@ -61,6 +62,11 @@ NOT_SHIPPED = "the default model's weights are not in this installation yet"
 PLAUSIBLE_GSD_M = (0.005, 50_000.0)
 #: The longest side a tile may be upsampled to (encoder time grows with its area).
 MAX_MODEL_SIDE = 2048
+#: Classes that are extents rather than objects. A click alone on one of them selects its
+#: connected extent through the click, as the class's text prompt maps it: the model's
+#: interactive output is trained on 128 px chips and sees a lake or a cloud field only in
+#: part. Objects (trees, and classes learnt in a fine-tune) keep the interactive mask.
+EXTENT_CLASSES = frozenset({"water", "vegetation", "cloud"})
 
 
 def ground_pixel_size(grid: TileGrid) -> tuple[float, float] | None:
@@ -190,6 +196,8 @@ class DefaultEmbedding:
     features: ImageFeatures
     resampling: TileResampling
     message: str = ""
+    #: tile-grid probability of each extent class, computed at the first click on the tile
+    extent_probabilities: dict[str, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -364,6 +372,53 @@ class DefaultEngine(Engine):
             box=None if prompt.box is None else as_tensor(resampling.box_to_model(prompt.box)),
             text_dim=self.model.config.text_dim, device=self.device)
 
+    def _extent_probabilities(self, embedding: DefaultEmbedding) -> dict[str, torch.Tensor]:
+        """Each extent class's probability on the tile grid, for the classes trained at
+        this tile's pixel size (one batched decode, cached on the embedding)."""
+        if embedding.extent_probabilities is None:
+            model_gsd = embedding.resampling.model_gsd_m
+            names, phrases = [], []
+            for known in self.card.known_classes():
+                card = self.card.class_card(known.name)
+                if known.name not in EXTENT_CLASSES or card is None or (
+                        model_gsd is not None and not all(g in card.gsd for g in model_gsd)):
+                    continue
+                names.append(known.name)
+                phrases.append(known.phrases[0])
+            probabilities: dict[str, torch.Tensor] = {}
+            if names:
+                vectors = torch.as_tensor(self.vocabulary.encoder.encode(phrases),
+                                          dtype=torch.float32, device=self.device)
+                batch = PromptBatch(
+                    task=torch.full((len(names),), TASKS.index("referring"), device=self.device),
+                    text=vectors, has_text=torch.ones(len(names), dtype=torch.bool,
+                                                      device=self.device),
+                    points=torch.zeros(len(names), 0, 2, device=self.device),
+                    labels=torch.zeros(len(names), 0, dtype=torch.int64, device=self.device),
+                    boxes=torch.zeros(len(names), 4, device=self.device),
+                    has_box=torch.zeros(len(names), dtype=torch.bool, device=self.device))
+                logits, _ = self.model.decode(embedding.features, batch)
+                tile = torch.sigmoid(embedding.resampling.logits_to_tile(logits))
+                probabilities = dict(zip(names, tile, strict=True))
+            embedding.extent_probabilities = probabilities
+        return embedding.extent_probabilities
+
+    def _extent_under(self, embedding: DefaultEmbedding, points: np.ndarray
+                      ) -> np.ndarray | None:
+        """H x W bool: the extent class most probable under the foreground ``points`` (mean
+        over them), thresholded; None when no extent class passes the threshold there."""
+        probabilities = self._extent_probabilities(embedding)
+        if not probabilities:
+            return None
+        height, width = embedding.resampling.tile_shape
+        cols = np.clip(np.floor(points[:, 0]).astype(int), 0, width - 1)
+        rows = np.clip(np.floor(points[:, 1]).astype(int), 0, height - 1)
+        under = {name: float(p[rows, cols].mean()) for name, p in probabilities.items()}
+        name = max(under, key=lambda n: under[n])
+        if under[name] <= self.card.mask_threshold:
+            return None
+        return (probabilities[name] > self.card.mask_threshold).cpu().numpy()
+
     @torch.inference_mode()
     def _decode(self, embedding: DefaultEmbedding, prompt: TilePrompt) -> Prediction:
         """One mask: text through the vocabulary, the model on the cached features, the
@@ -383,6 +438,10 @@ class DefaultEngine(Engine):
             mask &= box_region(mask.shape, prompt.box)
         if has_points and prompt.n_foreground:
             foreground = np.asarray(prompt.points)[np.asarray(prompt.labels) == 1]
+            if text is None and prompt.box is None:
+                extent = self._extent_under(embedding, foreground)
+                if extent is not None:
+                    mask |= extent
             mask = region_through_points(mask, foreground)
         score = float(torch.sigmoid(iou_logits[0])) if mask.any() else 0.0
         return Prediction(mask=mask, score=score, low_res_logits=logits,
