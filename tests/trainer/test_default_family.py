@@ -252,3 +252,27 @@ def test_a_fine_tune_learns_a_new_class_and_records_its_score_before_and_after(c
     engine = DefaultEngine(load_default_model(tmp_path / "tuned" / "model"))
     match = engine.vocabulary.match("segment the red roofs")
     assert getattr(match, "class_name", None) == "red roofs", match
+
+
+def test_photometric_jitter_changes_the_look_but_not_the_shape_and_repeats_with_its_seed():
+    from unigeoseg_trainer.default_family import photometric_jitter
+
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    a = photometric_jitter(image, np.random.default_rng(5))
+    b = photometric_jitter(image, np.random.default_rng(5))
+    assert a.shape == image.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, image)
+    # a monotone change per band: the brighter of two pixels stays at least as bright
+    order = np.argsort(image[..., 0].ravel())
+    assert (np.diff(a[..., 0].ravel()[order].astype(int)) >= 0).all()
+
+
+def test_photometric_jitter_is_refused_outside_the_default_model_family():
+    sections = default_sections(Path("/tmp/unused"), augment={"photometric": 0.5})
+    parse_config(_raw(sections), check_paths=False)           # the default family has it
+    raw = _raw(sections)
+    raw["model"] = {"architecture": "unigeoseg-tiny-sparseconv"}
+    raw.pop("default_model")
+    with pytest.raises(ConfigError) as raised:
+        parse_config(raw, check_paths=False)
+    assert raised.value.key == "augment.photometric"

@@ -159,6 +159,9 @@ class TaskScheduleConfig:
 class AugmentConfig:
     hflip: float = 0.0              #: probability of a left-right flip (words swapped)
     vflip: float = 0.0              #: probability of a top-bottom flip (words swapped)
+    #: probability of a random contrast, brightness, per-band gain and gamma on a chip (the
+    #: default model: the service's per-tile stretch varies with what a tile holds)
+    photometric: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -396,8 +399,10 @@ def _check(c: TrainConfig, check_paths: bool) -> None:
     for name in ("bce_weight", "dice_weight", "lm_weight"):
         _require(getattr(loss, name) >= 0, f"loss.{name}", "must not be negative")
     _check_tasks(c.tasks)
-    for name in ("hflip", "vflip"):
+    for name in ("hflip", "vflip", "photometric"):
         _require(0 <= getattr(c.augment, name) <= 1, f"augment.{name}", "must lie in [0, 1]")
+    _require(c.augment.photometric == 0 or c.model.family == "default", "augment.photometric",
+             "only the default model family has it")
     _require(c.distributed.backend in ("auto", "nccl", "gloo"), "distributed.backend",
              "use auto, nccl or gloo")
     _check_lora(c.lora, c.model)

@@ -318,7 +318,8 @@ def prepare_default_model(config: TrainConfig, world: World, mixture: Mixture,
     sampler, loss = _sampler_and_loss(config, world, mixture)
     batches = BatchReader(sampler, partial(
         default_family.load_default_batch, mixture=mixture, phrases=phrases,
-        hflip=config.augment.hflip, vflip=config.augment.vflip, seed=config.run.seed,
+        hflip=config.augment.hflip, vflip=config.augment.vflip,
+        photometric=config.augment.photometric, seed=config.run.seed,
         first_place=world.rank * config.batch.per_device, text_dim=model.config.text_dim),
         config.batch.num_workers)
     torch.manual_seed(config.run.seed + world.rank)

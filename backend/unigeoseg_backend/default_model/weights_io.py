@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,14 @@ def save_default_model(model: DefaultSegmenter, card: ModelCard, folder: Path) -
     (folder / MODEL_CARD_FILE).write_text(json.dumps(written.to_json(), indent=2) + "\n",
                                           encoding="utf-8")
     return written
+
+
+def write_card_metrics(folder: Path, metrics: dict[str, Any]) -> ModelCard:
+    """Replace the ``metrics`` of the card in ``folder`` (the weights file is untouched; the
+    card is written to a temporary file and renamed over the old one)."""
+    folder = Path(folder)
+    card = replace(read_model_card(folder), metrics=dict(metrics))
+    staged = folder / f".{MODEL_CARD_FILE}.part"
+    staged.write_text(json.dumps(card.to_json(), indent=2) + "\n", encoding="utf-8")
+    os.replace(staged, folder / MODEL_CARD_FILE)
+    return card
