@@ -113,6 +113,15 @@ class EngineRegistry:
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
+    def add(self, offer: EngineOffer) -> None:
+        """Offer one more engine (a model fine-tuned while the service runs), under
+        ``offer.kind.name``; an earlier one of that name, and its loaded engine, are replaced."""
+        with self._lock:
+            # A new dict rather than an update: other threads iterate the current one unlocked.
+            self._offers = {**self._offers, offer.kind.name: offer}
+            self._engines = {name: engine for name, engine in self._engines.items()
+                             if name != offer.kind.name}
+
     def available(self) -> list[str]:
         return sorted(name for name, offer in self._offers.items() if offer.load is not None)
 

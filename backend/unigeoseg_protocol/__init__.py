@@ -44,11 +44,27 @@ from .operations import (
     ShutdownRequest,
     StatusReply,
     StatusRequest,
+    TrainCancelRequest,
+    TrainEvent,
+    TrainJobReply,
+    TrainStartRequest,
+    TrainStatusRequest,
+    TrainUploadReply,
+    TrainUploadRequest,
     final_result,
     read_reply,
 )
 from .params import Georeference, Prompt, RasterOptions, SegmentOptions
-from .vocabulary import ENGINES, TASKS, TEXT_TASKS, default_engine, default_task
+from .vocabulary import (
+    ENGINES,
+    TASKS,
+    TEXT_TASKS,
+    default_engine,
+    default_task,
+    engine_family,
+    fine_tuned_engine,
+    is_engine,
+)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES", "ENGINES", "OPS", "PROTOCOL_VERSION", "REQUEST_TYPES", "TASKS",
@@ -57,6 +73,9 @@ __all__ = [
     "ProtocolError", "RasterOptions", "RemoteError", "Reply", "Request", "RequestTimeout",
     "RunningRequest", "SegmentOptions", "SegmentReply", "SegmentRequest", "SetImageReply",
     "SetImageRequest", "ShutdownReply", "ShutdownRequest", "StatusReply", "StatusRequest",
-    "decode_message", "default_engine", "default_task", "encode_message", "error_header",
-    "final_result", "is_final", "ok_header", "progress_header", "read_reply", "request_header",
+    "TrainCancelRequest", "TrainEvent", "TrainJobReply", "TrainStartRequest",
+    "TrainStatusRequest", "TrainUploadReply", "TrainUploadRequest",
+    "decode_message", "default_engine", "default_task", "encode_message", "engine_family",
+    "error_header", "final_result", "fine_tuned_engine", "is_engine", "is_final", "ok_header",
+    "progress_header", "read_reply", "request_header",
 ]

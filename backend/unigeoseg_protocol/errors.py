@@ -21,6 +21,7 @@ class ErrorCode(str, Enum):
     NO_VALID_PIXELS = "no_valid_pixels"        #: every pixel is nodata or NaN
     UNKNOWN_IMAGE = "unknown_image"            #: image id not (or no longer) cached
     ENGINE_UNAVAILABLE = "engine_unavailable"  #: engine not installed, no weights, or wrong task
+    UNKNOWN_JOB = "unknown_job"                #: no training job (or upload) of that id
     QUEUE_FULL = "queue_full"                  #: too many requests waiting; retry later
     TIMEOUT = "timeout"                        #: the request ran past its deadline
     CANCELLED = "cancelled"                    #: a cancel request stopped it

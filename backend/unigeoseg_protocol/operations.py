@@ -16,6 +16,7 @@ further. docs/protocol.md describes the fields on the wire and how to add an ope
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
@@ -25,7 +26,7 @@ from numpy.typing import NDArray
 from .errors import ErrorCode, ProtocolError, RemoteError
 from .messages import Message, is_final
 from .params import Georeference, Prompt, RasterOptions, SegmentOptions
-from .vocabulary import ENGINES
+from .vocabulary import ENGINES, is_engine, is_model_name
 
 #: The params (JSON object) and array frames of a request, or the result and arrays of a reply.
 Wire = tuple[dict[str, Any], dict[str, NDArray[Any]]]
@@ -236,8 +237,9 @@ class SetImageRequest:
         georeference = Georeference.from_wire(params.get("georeference"))
         raster = RasterOptions.from_wire(params.get("raster"))
         engine = params.get("engine", "sam")
-        if engine not in ENGINES:
-            raise _invalid(f"unknown engine {engine!r}; engines are {list(ENGINES)}")
+        if not is_engine(engine):
+            raise _invalid(f"unknown engine {engine!r}; engines are {list(ENGINES)} and "
+                           f"fine-tuned models ('default:<name>', listed by hello)")
         return cls(pixels=pixels, georeference=georeference, raster=raster, engine=engine)
 
     def parse_reply(self, reply: Reply) -> SetImageReply:
@@ -660,11 +662,347 @@ class ShutdownRequest(_ParameterlessRequest):
         return ShutdownReply.from_reply(reply)
 
 
+# --------------------------------------------------------------------------- training
+
+#: The most bytes one ``train_upload`` carries: a chip set's file, or one piece of a bigger one.
+MAX_UPLOAD_CHUNK_BYTES = 4 << 20
+#: The file names a chip set may hold (docs/datasets.md, the ``local`` layout).
+UPLOAD_SUFFIXES = (".png", ".jsonl", ".json")
+#: How deep a chip set's folders may nest, and how long a relative path may be.
+MAX_UPLOAD_DEPTH = 4
+MAX_UPLOAD_PATH_CHARS = 200
+#: Bounds of a job's budget.
+MAX_TRAIN_STEPS = 100_000
+MAX_TRAIN_SECONDS = 7 * 24 * 3600.0
+#: The most loss-curve events one ``train_status`` reply carries (ask again from ``cursor``).
+MAX_EVENTS_PER_REPLY = 500
+
+#: A training job's states; the last three are final.
+TRAINING_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_TRAINING_STATES = ("succeeded", "failed", "cancelled")
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _identifier(params: Mapping[str, Any], key: str, what: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or _ID_PATTERN.fullmatch(value) is None:
+        raise _invalid(f"{key} must name {what}: 1 to 64 letters, digits, '_' or '-'")
+    return value
+
+
+def check_upload_path(path: Any) -> str:
+    """``path`` if it may name a file of a chip set: relative, '/'-separated, without '.',
+    '..', hidden or empty parts, ending in one of UPLOAD_SUFFIXES.
+
+    Raises:
+        ProtocolError: ``invalid_argument`` saying what is wrong with it.
+    """
+    if not isinstance(path, str) or not path:
+        raise _invalid("path must be the file's path inside the chip set, e.g. 'train.jsonl'")
+    if len(path) > MAX_UPLOAD_PATH_CHARS:
+        raise _invalid(f"path is longer than {MAX_UPLOAD_PATH_CHARS} characters")
+    if path.startswith("/") or "\\" in path or ":" in path or "\x00" in path:
+        raise _invalid(f"path {path!r} must be relative, with '/' between folders "
+                       f"(no drive, no backslash)")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+        raise _invalid(f"path {path!r} may not hold '..', '.', hidden or empty parts")
+    if len(parts) > MAX_UPLOAD_DEPTH:
+        raise _invalid(f"path {path!r} nests deeper than {MAX_UPLOAD_DEPTH} folders")
+    if not parts[-1].lower().endswith(UPLOAD_SUFFIXES):
+        raise _invalid(f"path {path!r}: a chip set holds only {', '.join(UPLOAD_SUFFIXES)} "
+                       f"files")
+    return path
+
+
+@dataclass(frozen=True, eq=False)
+class TrainUploadRequest:
+    """Upload one file of a chip set (or a piece of it) into the backend's upload ``upload``.
+
+    Attributes:
+        upload: the client's name for this chip set (1 to 64 letters, digits, ``_``, ``-``;
+            e.g. ``uuid.uuid4().hex``); the first file creates it.
+        path: the file's path inside the chip set (``check_upload_path``).
+        data: 1-D uint8, the file's bytes from ``offset`` on (at most MAX_UPLOAD_CHUNK_BYTES).
+        offset: where ``data`` goes: 0 starts the file (replacing an earlier one), else the
+            file's size so far (the next piece of a big file).
+    """
+
+    OP: ClassVar[str] = "train_upload"
+
+    upload: str
+    path: str
+    data: NDArray[Any]
+    offset: int = 0
+
+    def to_wire(self) -> Wire:
+        return ({"upload": self.upload, "path": self.path, "offset": self.offset},
+                {"data": self.data})
+
+    @classmethod
+    def from_message(cls, message: Message) -> TrainUploadRequest:
+        params = message.params
+        upload = _identifier(params, "upload", "the chip set being uploaded")
+        path = check_upload_path(params.get("path"))
+        offset = params.get("offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise _invalid("offset must be a non-negative integer")
+        data = message.arrays.get("data")
+        if data is None or data.dtype != "uint8" or data.ndim != 1:
+            raise ProtocolError(ErrorCode.BAD_FRAME,
+                                "train_upload needs a 1-D uint8 array frame named 'data' "
+                                "holding the file's bytes")
+        if data.size > MAX_UPLOAD_CHUNK_BYTES:
+            raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE,
+                                f"one train_upload carries at most {MAX_UPLOAD_CHUNK_BYTES} "
+                                f"bytes; send {path} in pieces (offset)",
+                                {"max_bytes": MAX_UPLOAD_CHUNK_BYTES})
+        return cls(upload=upload, path=path, data=data, offset=offset)
+
+    def parse_reply(self, reply: Reply) -> TrainUploadReply:
+        return TrainUploadReply.from_reply(reply)
+
+
+@dataclass(frozen=True)
+class TrainUploadReply(_ResultReply):
+    """The file is stored: its ``size`` so far, and the upload's ``files`` and ``total_bytes``."""
+
+    upload: str
+    path: str
+    size: int
+    files: int
+    total_bytes: int
+
+    def to_result(self) -> dict[str, Any]:
+        return {"upload": self.upload, "path": self.path, "size": self.size,
+                "files": self.files, "total_bytes": self.total_bytes}
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> TrainUploadReply:
+        return cls(upload=_field(result, "upload", str), path=_field(result, "path", str),
+                   size=_field(result, "size", int), files=_field(result, "files", int),
+                   total_bytes=_field(result, "total_bytes", int))
+
+
+@dataclass(frozen=True)
+class TrainStartRequest:
+    """Start fine-tuning ``base`` on a chip set into a new model called ``name``.
+
+    Attributes:
+        name: the new model's name (``vocabulary.MODEL_NAME_PATTERN``); it is then offered as
+            the engine ``default:<name>``.
+        base: the engine whose model is fine-tuned: ``default``, or a fine-tuned one
+            (``default:<name>``) to continue from.
+        upload: the chip set uploaded with ``train_upload``; or
+        chips_dir: a chip-set folder on the backend's machine (a local backend only).
+        max_steps: optimizer steps; max_seconds: a time budget. At least one is given.
+    """
+
+    OP: ClassVar[str] = "train_start"
+
+    name: str
+    base: str = "default"
+    upload: str | None = None
+    chips_dir: str | None = None
+    max_steps: int | None = None
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.upload is None) == (self.chips_dir is None):
+            raise ValueError("train_start needs an upload or a chips_dir (not both)")
+        if self.max_steps is None and self.max_seconds is None:
+            raise ValueError("train_start needs max_steps, max_seconds or both")
+
+    def to_wire(self) -> Wire:
+        return _with_optional({"name": self.name, "base": self.base}, upload=self.upload,
+                              chips_dir=self.chips_dir, max_steps=self.max_steps,
+                              max_seconds=self.max_seconds), {}
+
+    @classmethod
+    def from_message(cls, message: Message) -> TrainStartRequest:
+        params = message.params
+        name = params.get("name")
+        if not is_model_name(name):
+            raise _invalid("name must name the new model: 1 to 64 letters, digits, '.', '_' "
+                           "or '-', starting with a letter or digit")
+        base = params.get("base", "default")
+        if not is_engine(base):
+            raise _invalid(f"base must be an engine, one of {list(ENGINES)} or a fine-tuned "
+                           f"model ('default:<name>'), got {base!r}")
+        upload = (_identifier(params, "upload", "a chip set sent with train_upload")
+                  if params.get("upload") is not None else None)
+        chips_dir = params.get("chips_dir")
+        if chips_dir is not None and (not isinstance(chips_dir, str) or not chips_dir):
+            raise _invalid("chips_dir must be a folder path")
+        if (upload is None) == (chips_dir is None):
+            raise _invalid("train_start needs the chips: an upload id (train_upload) or a "
+                           "chips_dir on the backend's machine, not both")
+        max_steps = params.get("max_steps")
+        if max_steps is not None and (not isinstance(max_steps, int)
+                                      or isinstance(max_steps, bool)
+                                      or not 1 <= max_steps <= MAX_TRAIN_STEPS):
+            raise _invalid(f"max_steps must be an integer from 1 to {MAX_TRAIN_STEPS}")
+        max_seconds = params.get("max_seconds")
+        if max_seconds is not None and (not isinstance(max_seconds, int | float)
+                                        or isinstance(max_seconds, bool)
+                                        or not 0 < max_seconds <= MAX_TRAIN_SECONDS):
+            raise _invalid(f"max_seconds must be a number of seconds from 1 to "
+                           f"{MAX_TRAIN_SECONDS:.0f}")
+        if max_steps is None and max_seconds is None:
+            raise _invalid("train_start needs a budget: max_steps, max_seconds or both")
+        return cls(name=name, base=base, upload=upload, chips_dir=chips_dir,
+                   max_steps=max_steps,
+                   max_seconds=None if max_seconds is None else float(max_seconds))
+
+    def parse_reply(self, reply: Reply) -> TrainJobReply:
+        return TrainJobReply.from_reply(reply)
+
+
+@dataclass(frozen=True)
+class TrainStatusRequest:
+    """Ask how job ``job`` is doing, with the loss-curve events after ``after`` (a
+    ``cursor`` of an earlier reply; 0 for all)."""
+
+    OP: ClassVar[str] = "train_status"
+
+    job: str
+    after: int = 0
+
+    def to_wire(self) -> Wire:
+        return {"job": self.job, "after": self.after}, {}
+
+    @classmethod
+    def from_message(cls, message: Message) -> TrainStatusRequest:
+        after = message.params.get("after", 0)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise _invalid("after must be a non-negative integer (a reply's cursor)")
+        return cls(job=_identifier(message.params, "job", "a training job"), after=after)
+
+    def parse_reply(self, reply: Reply) -> TrainJobReply:
+        return TrainJobReply.from_reply(reply)
+
+
+@dataclass(frozen=True)
+class TrainCancelRequest:
+    """Stop job ``job``: its process ends within seconds and no model is registered."""
+
+    OP: ClassVar[str] = "train_cancel"
+
+    job: str
+
+    def to_wire(self) -> Wire:
+        return {"job": self.job}, {}
+
+    @classmethod
+    def from_message(cls, message: Message) -> TrainCancelRequest:
+        return cls(job=_identifier(message.params, "job", "a training job"))
+
+    def parse_reply(self, reply: Reply) -> TrainJobReply:
+        return TrainJobReply.from_reply(reply)
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """One point of a job's live curve: after ``step`` optimizer steps, ``elapsed_s`` into
+    the job, the training ``loss`` and/or the held-out ``val_iou``."""
+
+    step: int
+    elapsed_s: float
+    loss: float | None = None
+    val_iou: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_optional({"step": self.step, "elapsed_s": self.elapsed_s},
+                              loss=self.loss, val_iou=self.val_iou)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> TrainEvent:
+        if not isinstance(value, dict):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a training event is not an object")
+        return cls(step=_field(value, "step", int), elapsed_s=_number(value, "elapsed_s"),
+                   loss=_number(value, "loss", None), val_iou=_number(value, "val_iou", None))
+
+
+@dataclass(frozen=True)
+class TrainJobReply(_ResultReply):
+    """A training job as it stands (the reply of ``train_start``, ``train_status`` and
+    ``train_cancel``).
+
+    Attributes:
+        job: its id; name: the model it makes; base: the engine it fine-tunes.
+        state: one of TRAINING_STATES.
+        step, max_steps: optimizer steps done and planned.
+        elapsed_s: seconds since it started running (0 while queued).
+        loss: the latest training loss; eta_s: seconds left, estimated; both None until known.
+        before_iou, after_iou: mean IoU on the held-out (val) chips before the first step and
+            after the last, once measured.
+        engine: what requests name to use the new model (``default:<name>``), once it
+            succeeded.
+        message: why it failed or was cancelled, or a note, for the analyst.
+        data: what it trains on: ``chips``, ``objects``, ``train_records``, ``val_records``,
+            ``instructions``.
+        events: the curve's points after the request's ``after`` (at most
+            MAX_EVENTS_PER_REPLY); cursor: the ``after`` that asks for the next ones.
+    """
+
+    job: str
+    name: str
+    base: str
+    state: str
+    step: int = 0
+    max_steps: int | None = None
+    elapsed_s: float = 0.0
+    loss: float | None = None
+    eta_s: float | None = None
+    before_iou: float | None = None
+    after_iou: float | None = None
+    engine: str | None = None
+    message: str | None = None
+    data: dict[str, Any] | None = None
+    events: tuple[TrainEvent, ...] = ()
+    cursor: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_TRAINING_STATES
+
+    def to_result(self) -> dict[str, Any]:
+        return _with_optional(
+            {"job": self.job, "name": self.name, "base": self.base, "state": self.state,
+             "step": self.step, "elapsed_s": self.elapsed_s,
+             "events": [event.to_wire() for event in self.events], "cursor": self.cursor},
+            max_steps=self.max_steps, loss=self.loss, eta_s=self.eta_s,
+            before_iou=self.before_iou, after_iou=self.after_iou, engine=self.engine,
+            message=self.message, data=self.data)
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> TrainJobReply:
+        state = _field(result, "state", str)
+        if state not in TRAINING_STATES:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown training state {state!r}")
+        return cls(job=_field(result, "job", str), name=_field(result, "name", str),
+                   base=_field(result, "base", str), state=state,
+                   step=_field(result, "step", int, 0),
+                   max_steps=_field(result, "max_steps", int, None),
+                   elapsed_s=_number(result, "elapsed_s", 0.0),
+                   loss=_number(result, "loss", None), eta_s=_number(result, "eta_s", None),
+                   before_iou=_number(result, "before_iou", None),
+                   after_iou=_number(result, "after_iou", None),
+                   engine=_field(result, "engine", str, None),
+                   message=_field(result, "message", str, None),
+                   data=_field(result, "data", dict, None),
+                   events=tuple(TrainEvent.from_wire(event)
+                                for event in _field(result, "events", list, [])),
+                   cursor=_field(result, "cursor", int, 0))
+
+
 #: The request type of each operation, by op name: what a backend parses a request with.
 REQUEST_TYPES: dict[str, type[Request[Any]]] = {
     request.OP: request
     for request in (HelloRequest, SetImageRequest, SegmentRequest, CancelRequest,
-                    StatusRequest, ShutdownRequest)
+                    StatusRequest, ShutdownRequest, TrainUploadRequest, TrainStartRequest,
+                    TrainStatusRequest, TrainCancelRequest)
 }
 
 #: Operations a backend understands.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ErrorCode, ProtocolError
-from .vocabulary import ENGINES, TASKS, TEXT_TASKS, default_task
+from .vocabulary import ENGINES, TASKS, TEXT_TASKS, default_task, is_engine
 
 MAX_TEXT_CHARS = 2000
 MAX_POINTS = 256
@@ -202,8 +202,9 @@ class SegmentOptions:
         if not isinstance(value, dict):
             raise _invalid("'options' must be an object")
         engine = value.get("engine")
-        if engine is not None and engine not in ENGINES:
-            raise _invalid(f"options.engine must be one of {ENGINES}, got {engine!r}")
+        if engine is not None and not is_engine(engine):
+            raise _invalid(f"options.engine must be one of {ENGINES} or a fine-tuned model "
+                           f"('default:<name>', listed by hello), got {engine!r}")
         simplify = _finite_number(value.get("simplify", 0.0), "options.simplify")
         min_area = _finite_number(value.get("min_area", 0.0), "options.min_area")
         if simplify < 0 or min_area < 0:

@@ -8,6 +8,7 @@ of them can import (stdlib only).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 
 #: Every task, in the order of the wire protocol's documentation.
@@ -35,3 +36,42 @@ def default_engine(task: str, available: Collection[str] | None = None) -> str:
     if available is not None and preferred not in available and "default" in available:
         return "default"
     return preferred
+
+
+# A fine-tuned model is offered as an engine of its own, named after the engine it was
+# fine-tuned from and the model's name: ``default:red-roofs``. Requests name it like any engine
+# (``set_image.engine``, ``options.engine``) and ``hello`` lists it with its model card.
+FINE_TUNED_SEPARATOR = ":"
+
+#: What a fine-tuned model may be called: letters, digits, ``.``, ``_`` and ``-``, starting
+#: with a letter or digit, at most 64 characters (it names a folder in the weights cache).
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: Engines whose models this backend can fine-tune.
+FINE_TUNABLE_ENGINES = ("default",)
+
+
+def is_model_name(name: object) -> bool:
+    """Whether ``name`` may name a fine-tuned model (``MODEL_NAME_PATTERN``)."""
+    return isinstance(name, str) and MODEL_NAME_PATTERN.fullmatch(name) is not None
+
+
+def fine_tuned_engine(family: str, model_name: str) -> str:
+    """The engine name a fine-tuned model is offered under: ``default:red-roofs``."""
+    return f"{family}{FINE_TUNED_SEPARATOR}{model_name}"
+
+
+def engine_family(engine: str) -> str:
+    """The engine a name belongs to: ``default`` for ``default`` and ``default:red-roofs``."""
+    return engine.split(FINE_TUNED_SEPARATOR, 1)[0]
+
+
+def is_engine(name: object) -> bool:
+    """Whether a request may name ``name`` as its engine: one of ``ENGINES``, or a
+    fine-tuned model of one of ``FINE_TUNABLE_ENGINES`` (``default:red-roofs``)."""
+    if not isinstance(name, str):
+        return False
+    if name in ENGINES:
+        return True
+    family, separator, model_name = name.partition(FINE_TUNED_SEPARATOR)
+    return bool(separator) and family in FINE_TUNABLE_ENGINES and is_model_name(model_name)

@@ -104,8 +104,9 @@ def test_the_client_module_re_exports_the_curve_keys():
     assert client.CurveClientKeys is curve.CurveClientKeys
 
 
-def test_the_six_ops_each_have_a_request_type_naming_it():
-    assert OPS == ("hello", "set_image", "segment", "cancel", "status", "shutdown")
+def test_every_op_has_a_request_type_naming_it():
+    assert OPS == ("hello", "set_image", "segment", "cancel", "status", "shutdown",
+                   "train_upload", "train_start", "train_status", "train_cancel")
     assert all(REQUEST_TYPES[op].OP == op for op in OPS)
 
 

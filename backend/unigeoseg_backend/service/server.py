@@ -8,6 +8,9 @@ Threads and sockets::
                                  │ inproc PULL       ▼
                               PUSH ◀──────── worker thread [set_image, segment on the GPU]
 
+    train_* requests are answered by the front thread too (training_jobs.TrainingJobs: file
+    writes, look-ups); the training itself runs in a trainer process of its own.
+
 The service is transport: each operation's request is validated, and its reply built, by the
 types of ``unigeoseg_protocol.operations``.
 
@@ -56,12 +59,19 @@ from unigeoseg_protocol.operations import (
     ShutdownRequest,
     StatusReply,
     StatusRequest,
+    TrainCancelRequest,
+    TrainJobReply,
+    TrainStartRequest,
+    TrainStatusRequest,
+    TrainUploadReply,
+    TrainUploadRequest,
 )
 
 from .. import __version__
 from ..errors import InvalidInputError
 from ..segmenter import CancelToken, Segmenter
-from .config import ServiceConfig
+from .config import ServiceConfig, is_local_address
+from .training_jobs import TrainingJobs, default_training_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +107,13 @@ class Service:
         config: validated settings (address, caps, timeouts, CURVE).
         segmenter: the models and caches; used only from the worker thread.
         device_info: what ``hello`` reports about the compute device.
+        training: the fine-tuning jobs (uploads, trainer processes, fine-tuned models); None
+            for those of the weights cache, started with the service.
     """
 
     def __init__(self, config: ServiceConfig, segmenter: Segmenter,
                  device_info: dict[str, Any] | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, training: TrainingJobs | None = None):
         config.validate()
         self.config = config
         self.segmenter = segmenter
@@ -118,6 +130,7 @@ class Service:
         self._router: zmq.Socket | None = None
         self._replies: zmq.Socket | None = None
         self._worker: threading.Thread | None = None
+        self.training = training
         self.bound_address: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,6 +153,13 @@ class Service:
         self._router, self._replies = router, replies
         self._worker = threading.Thread(target=self._work, name="unigeoseg-worker", daemon=True)
         self._worker.start()
+        if self.training is None:
+            # chips_dir (a folder on this machine) only for clients that are on it too
+            self.training = default_training_jobs(
+                self.segmenter.engines, self.device_info["device"],
+                local_chips=is_local_address(self.config.address)
+                and not self.config.curve_enabled)
+        self.training.start()
         logger.info("listening", extra={"address": self.bound_address})
         return self.bound_address
 
@@ -179,6 +199,8 @@ class Service:
             self._running.token.cancel()
         if self._worker is not None:
             self._worker.join(timeout=10)
+        if self.training is not None:
+            self.training.close()  # trainer processes end, their folders are removed
         self._forward_worker_messages()
         for sock in (self._router, self._replies):
             if sock is not None:
@@ -243,6 +265,11 @@ class Service:
                 self.stop()
             elif isinstance(request, (SetImageRequest, SegmentRequest)):
                 self._enqueue(client, message, request)
+            elif isinstance(request, (TrainUploadRequest, TrainStartRequest,
+                                      TrainStatusRequest, TrainCancelRequest)):
+                # Answered here: a file write or a look-up; the training itself runs in
+                # a process of its own, never on the worker.
+                self._reply_ok(client, request_id, self._training(request))
             else:  # an op of the protocol package that this backend does not serve yet
                 raise ProtocolError(ErrorCode.UNKNOWN_OP, f"this backend does not serve {op!r}")
         except ProtocolError as exc:
@@ -305,8 +332,28 @@ class Service:
                 self._served += 1
             self._router.send_multipart([client, *frames[3:]], copy=False)
 
+    def _training(self, request: TrainUploadRequest | TrainStartRequest | TrainStatusRequest
+                  | TrainCancelRequest) -> TrainUploadReply | TrainJobReply:
+        training = self.training
+        if training is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, "this service was not started")
+        try:
+            if isinstance(request, TrainUploadRequest):
+                return training.upload(request)
+            if isinstance(request, TrainStartRequest):
+                return training.start_job(request)
+            if isinstance(request, TrainStatusRequest):
+                return training.status(request)
+            return training.cancel(request)
+        except OSError as exc:  # a full or unwritable disk: the front thread keeps serving
+            logger.exception("training request failed", extra={"op": request.OP})
+            raise ProtocolError(ErrorCode.INTERNAL,
+                                f"the backend could not write the training files: {exc}"
+                                ) from None
+
     def _reply_ok(self, client: bytes, request_id: str,
-                  reply: HelloReply | StatusReply | CancelReply | ShutdownReply) -> None:
+                  reply: HelloReply | StatusReply | CancelReply | ShutdownReply
+                  | TrainUploadReply | TrainJobReply) -> None:
         result, arrays = reply.to_wire()
         self._router.send_multipart([client, *encode_message(ok_header(request_id, result),
                                                              arrays)], copy=False)
