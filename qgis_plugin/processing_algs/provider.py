@@ -13,6 +13,7 @@ from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from .base import tr
+from .finetune import FineTuneModelAlgorithm
 from .segment_points import SegmentByPointsAlgorithm
 from .segment_text import SegmentByTextAlgorithm
 
@@ -38,7 +39,8 @@ def find_icon_path() -> Path | None:
 
 
 class UniGeoSegProvider(QgsProcessingProvider):
-    """Provider id ``unigeoseg``: "Segment by points" and "Segment by text prompt"."""
+    """Provider id ``unigeoseg``: "Segment by points", "Segment by text prompt" and
+    "Fine-tune model"."""
 
     def __init__(self):
         super().__init__()
@@ -66,3 +68,4 @@ class UniGeoSegProvider(QgsProcessingProvider):
     def loadAlgorithms(self) -> None:
         self.addAlgorithm(SegmentByPointsAlgorithm())
         self.addAlgorithm(SegmentByTextAlgorithm())
+        self.addAlgorithm(FineTuneModelAlgorithm())
