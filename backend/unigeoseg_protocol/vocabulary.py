@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from typing import TypeGuard
 
 #: Every task, in the order of the wire protocol's documentation.
 TASKS = ("interactive", "referring", "reasoning")
@@ -51,7 +52,7 @@ MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FINE_TUNABLE_ENGINES = ("default",)
 
 
-def is_model_name(name: object) -> bool:
+def is_model_name(name: object) -> TypeGuard[str]:
     """Whether ``name`` may name a fine-tuned model (``MODEL_NAME_PATTERN``)."""
     return isinstance(name, str) and MODEL_NAME_PATTERN.fullmatch(name) is not None
 
@@ -66,7 +67,7 @@ def engine_family(engine: str) -> str:
     return engine.split(FINE_TUNED_SEPARATOR, 1)[0]
 
 
-def is_engine(name: object) -> bool:
+def is_engine(name: object) -> TypeGuard[str]:
     """Whether a request may name ``name`` as its engine: one of ``ENGINES``, or a
     fine-tuned model of one of ``FINE_TUNABLE_ENGINES`` (``default:red-roofs``)."""
     if not isinstance(name, str):

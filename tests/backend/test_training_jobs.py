@@ -215,7 +215,7 @@ def test_a_click_is_answered_while_a_job_runs_and_cancel_stops_it_saving_nothing
                                     pixels=pixels, georeference=georeference)
             click_s.append(time.perf_counter() - started)
         during = client.call(TrainStatusRequest(job.job))
-        print(f"clicks answered in {click_s[0]:.2f} s (first) and {click_s[1]:.2f} s while "
+        print(f"clicks answered in {click_s[0]:.2f} s (first) and {click_s[1] * 1000:.0f} ms while "
               f"the job was at step {during.step} (loss {during.loss}, ETA {during.eta_s} s)")
         assert answer.engine == "default" and during.state == "running"
         assert during.eta_s is not None and during.eta_s > 0

@@ -245,19 +245,19 @@ def trainer_config_text(*, name: str, version: str, base_folder: Path, chips: Ch
         lines.append(f"[{section}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
         lines.append("")
-    for table, split in (("validation.datasets", "val"), ("datasets", "train")):
-        lines += [f"[[{table}]]", 'name = "local"', f"root = {_toml_value(chips.root)}",
+    for array, split in (("validation.datasets", "val"), ("datasets", "train")):
+        lines += [f"[[{array}]]", 'name = "local"', f"root = {_toml_value(chips.root)}",
                   f'split = "{split}"', ""]
     return "\n".join(lines)
 
 
 def trainer_takes_time_budget() -> bool:
     """Whether the installed trainer stops on ``run.max_seconds`` (else budgets are steps)."""
-    try:
-        from unigeoseg_trainer.config import RunConfig
+    try:  # by name: the backend does not depend on the trainer package
+        trainer_config = importlib.import_module("unigeoseg_trainer.config")
     except ImportError:
         return False
-    return "max_seconds" in RunConfig.__dataclass_fields__
+    return "max_seconds" in trainer_config.RunConfig.__dataclass_fields__
 
 
 # --------------------------------------------------------------------------- models
@@ -271,8 +271,9 @@ def fine_tuned_offer(folder: Path, device: Any) -> EngineOffer:
     """
     card = read_model_card(folder)
     engine_name = fine_tuned_engine("default", folder.name)
-    kind = type("FineTunedDefaultEngine", (DefaultEngine,),
-                {"name": engine_name, "title": f"the fine-tuned model {folder.name}"})
+    kind: type[DefaultEngine] = type(
+        "FineTunedDefaultEngine", (DefaultEngine,),
+        {"name": engine_name, "title": f"the fine-tuned model {folder.name}"})
     about = {**card.summary(), "fine_tuned": card.training.get("fine_tune", {})}
     return EngineOffer(kind, load=lambda: kind.from_folder(folder, device), about=about)
 
