@@ -65,6 +65,9 @@ HUB_LOCK_FILE = "hub-lock.json"
 #: In the cache folder: the outcome of each file's last full check.
 VERIFIED_RECORD_FILE = "verified.json"
 MODELS_FOLDER = "models"
+#: Where the service's fine-tuning jobs put the default models they make (one folder each,
+#: named after the model, holding its weights and model card).
+FINETUNED_FOLDER = "finetuned"
 _HASH_CHUNK = 1 << 20
 
 
@@ -198,8 +201,9 @@ class WeightStatus:
     """One row of :func:`status` (``unigeoseg weights list``).
 
     Attributes:
-        kind: ``sam`` (a registry checkpoint), ``hub`` (a released model from the hub) or
-            ``local`` (another model folder in ``<cache>/models/``, e.g. a fine-tuned one).
+        kind: ``sam`` (a registry checkpoint), ``hub`` (a released model from the hub),
+            ``local`` (another model folder in ``<cache>/models/``) or ``finetuned`` (a
+            default model a fine-tuning job made, in ``<cache>/finetuned/``).
         size_bytes: the full size; 0 when not known yet (a hub model before its first
             download).
         verified: True when every file passed its last full check and has not changed since,
@@ -314,6 +318,11 @@ def cache_dir() -> Path:
 def models_dir() -> Path:
     """Folder of the model folders that ``--model NAME`` finds: ``<cache>/models``."""
     return cache_dir() / MODELS_FOLDER
+
+
+def finetuned_dir() -> Path:
+    """Folder of the fine-tuned default models: ``<cache>/finetuned``."""
+    return cache_dir() / FINETUNED_FOLDER
 
 
 def _target_dir(dest_dir: str | os.PathLike[str] | None, default: Path) -> Path:
@@ -533,7 +542,18 @@ def status() -> list[WeightStatus]:
                 continue
             size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
             rows.append(WeightStatus(model.name, size, True, model, 0, "local", None))
+    rows.extend(_finetuned_status())
     return rows
+
+
+def _finetuned_status() -> list[WeightStatus]:
+    """One row per fine-tuned model folder (a staging folder, hidden, is not one yet)."""
+    if not finetuned_dir().is_dir():
+        return []
+    return [WeightStatus(model.name, sum(f.stat().st_size for f in model.rglob("*")
+                                         if f.is_file()), True, model, 0, "finetuned", None)
+            for model in sorted(finetuned_dir().iterdir())
+            if not model.name.startswith(".") and (model / "model_card.json").is_file()]
 
 
 def _hub_status(spec: HubModelSpec) -> WeightStatus:

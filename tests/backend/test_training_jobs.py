@@ -1,7 +1,8 @@
 """Fine-tuning through a real ``unigeoseg serve`` process on 127.0.0.1: chips uploaded in
 pieces, a job run by the trainer in its own process (a tiny default model as the base), its
-live curve, the model it makes (in the weights cache, in hello, answering by its engine
-name), clicks answered meanwhile, cancel, bad uploads, and a backend killed mid-job."""
+live curve, the model it makes (in the weights cache, in hello and ``weights list``,
+answering by its engine name), clicks answered meanwhile, cancel, bad uploads, and a backend
+killed mid-job."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 from tests.backend.default_model_folders import save_tiny_default_model
 
+from unigeoseg_backend.cli.main import main
 from unigeoseg_backend.default_model.weights_io import GsdRange
 from unigeoseg_protocol import (
     ErrorCode,
@@ -150,7 +152,7 @@ def tile() -> tuple[np.ndarray, Georeference]:
 
 
 def test_an_uploaded_chip_set_is_fine_tuned_into_a_model_hello_lists_and_that_answers(
-        backend, cache, tmp_path):
+        backend, cache, tmp_path, capsys):
     chips = write_chips(tmp_path / "chips")
     with Client(backend.address, timeout_s=60) as client:
         started = time.perf_counter()
@@ -192,6 +194,11 @@ def test_an_uploaded_chip_set_is_fine_tuned_into_a_model_hello_lists_and_that_an
     assert record["date"].startswith("20")
     work = [p for p in (cache / "tmp" / "training").rglob("*") if p.is_file()]
     assert work == [], "the job's chips, config and trainer output are removed"
+    assert main(["weights", "list"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "blue-roofs" in line]
+    print(listed)
+    assert len(listed) == 1 and "fine-tuned" in listed[0]
+    assert str(cache / "finetuned" / "blue-roofs") in listed[0]
 
 
 def test_a_click_is_answered_while_a_job_runs_and_cancel_stops_it_saving_nothing(
@@ -215,8 +222,9 @@ def test_a_click_is_answered_while_a_job_runs_and_cancel_stops_it_saving_nothing
                                     pixels=pixels, georeference=georeference)
             click_s.append(time.perf_counter() - started)
         during = client.call(TrainStatusRequest(job.job))
-        print(f"clicks answered in {click_s[0]:.2f} s (first) and {click_s[1] * 1000:.0f} ms while "
-              f"the job was at step {during.step} (loss {during.loss}, ETA {during.eta_s} s)")
+        print(f"clicks answered in {click_s[0]:.2f} s (first) and {click_s[1] * 1000:.0f} ms "
+              f"while the job was at step {during.step} (loss {during.loss}, ETA "
+              f"{during.eta_s} s)")
         assert answer.engine == "default" and during.state == "running"
         assert during.eta_s is not None and during.eta_s > 0
 

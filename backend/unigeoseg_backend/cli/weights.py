@@ -95,7 +95,8 @@ def _human(size: int) -> str:
     return f"{value:.1f} GiB"
 
 
-_KIND_TITLES = {"sam": "SAM", "hub": "UniGeoSeg (hub)", "local": "UniGeoSeg (local)"}
+_KIND_TITLES = {"sam": "SAM", "hub": "UniGeoSeg (hub)", "local": "UniGeoSeg (local)",
+                "finetuned": "fine-tuned"}
 _VERIFIED_WORDS = {True: "yes", False: "no", None: "unknown"}
 
 
@@ -153,7 +154,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.name is not None:
         names = [args.name]
     else:
-        names = [row.name for row in status() if row.kind != "local" and row.path.exists()]
+        # Folders without a published digest list (local, fine-tuned) have nothing to verify.
+        names = [row.name for row in status() if row.kind in ("sam", "hub")
+                 and row.path.exists()]
         if not names:
             print(f"No checkpoints in {cache_dir()}; nothing to verify.")
             return 0

@@ -65,6 +65,7 @@ from ..default_model.weights_io import MODEL_CARD_FILE, ModelCard, read_model_ca
 from ..engines.default_engine import DefaultEngine
 from ..errors import EngineUnavailableError, InvalidInputError, UniGeoSegError
 from ..segmenter import EngineOffer, EngineRegistry
+from ..weights import FINETUNED_FOLDER, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class TrainingJobs:
                  local_chips: bool = True, recipe: FineTuneRecipe = FineTuneRecipe(),
                  max_upload_bytes: int = MAX_UPLOAD_BYTES):
         self.engines = engines
-        self.models_root = Path(cache) / "finetuned"
+        self.models_root = Path(cache) / FINETUNED_FOLDER
         self.training_root = Path(cache) / "tmp" / "training"
         self.work = self.training_root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.device = device
@@ -765,7 +766,5 @@ class TrainingJobs:
 def default_training_jobs(engines: EngineRegistry, device: Any, *,
                           local_chips: bool) -> TrainingJobs:
     """The training jobs of a service, working in the weights cache."""
-    from ..weights import cache_dir
-
     return TrainingJobs(engines, cache_dir(), device, local_chips=local_chips)
 
