@@ -674,6 +674,7 @@ MAX_UPLOAD_PATH_CHARS = 200
 #: Bounds of a job's budget.
 MAX_TRAIN_STEPS = 100_000
 MAX_TRAIN_SECONDS = 7 * 24 * 3600.0
+MAX_TRAIN_EPOCHS = 10_000
 #: The most loss-curve events one ``train_status`` reply carries (ask again from ``cursor``).
 MAX_EVENTS_PER_REPLY = 500
 
@@ -796,7 +797,9 @@ class TrainStartRequest:
             (``default:<name>``) to continue from.
         upload: the chip set uploaded with ``train_upload``; or
         chips_dir: a chip-set folder on the backend's machine (a local backend only).
-        max_steps: optimizer steps; max_seconds: a time budget. At least one is given.
+        max_steps: optimizer steps; epochs: passes over the training records (the backend
+            turns them into steps with its batch size); max_seconds: a time budget. At least
+            one is given; with several, the job stops at the first one reached.
     """
 
     OP: ClassVar[str] = "train_start"
@@ -807,17 +810,18 @@ class TrainStartRequest:
     chips_dir: str | None = None
     max_steps: int | None = None
     max_seconds: float | None = None
+    epochs: float | None = None
 
     def __post_init__(self) -> None:
         if (self.upload is None) == (self.chips_dir is None):
             raise ValueError("train_start needs an upload or a chips_dir (not both)")
-        if self.max_steps is None and self.max_seconds is None:
-            raise ValueError("train_start needs max_steps, max_seconds or both")
+        if self.max_steps is None and self.max_seconds is None and self.epochs is None:
+            raise ValueError("train_start needs a budget: max_steps, epochs or max_seconds")
 
     def to_wire(self) -> Wire:
         return _with_optional({"name": self.name, "base": self.base}, upload=self.upload,
                               chips_dir=self.chips_dir, max_steps=self.max_steps,
-                              max_seconds=self.max_seconds), {}
+                              max_seconds=self.max_seconds, epochs=self.epochs), {}
 
     @classmethod
     def from_message(cls, message: Message) -> TrainStartRequest:
@@ -849,11 +853,18 @@ class TrainStartRequest:
                                         or not 0 < max_seconds <= MAX_TRAIN_SECONDS):
             raise _invalid(f"max_seconds must be a number of seconds from 1 to "
                            f"{MAX_TRAIN_SECONDS:.0f}")
-        if max_steps is None and max_seconds is None:
-            raise _invalid("train_start needs a budget: max_steps, max_seconds or both")
+        epochs = params.get("epochs")
+        if epochs is not None and (not isinstance(epochs, int | float)
+                                   or isinstance(epochs, bool)
+                                   or not 0 < epochs <= MAX_TRAIN_EPOCHS):
+            raise _invalid(f"epochs must be a number of passes over the training chips, more "
+                           f"than 0 and at most {MAX_TRAIN_EPOCHS}")
+        if max_steps is None and max_seconds is None and epochs is None:
+            raise _invalid("train_start needs a budget: max_steps, epochs or max_seconds")
         return cls(name=name, base=base, upload=upload, chips_dir=chips_dir,
                    max_steps=max_steps,
-                   max_seconds=None if max_seconds is None else float(max_seconds))
+                   max_seconds=None if max_seconds is None else float(max_seconds),
+                   epochs=None if epochs is None else float(epochs))
 
     def parse_reply(self, reply: Reply) -> TrainJobReply:
         return TrainJobReply.from_reply(reply)

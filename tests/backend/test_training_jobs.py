@@ -160,8 +160,9 @@ def test_an_uploaded_chip_set_is_fine_tuned_into_a_model_hello_lists_and_that_an
         upload_s = time.perf_counter() - started
         print(f"upload: {sent} bytes in {upload_s:.2f} s ({sent / upload_s / 1e6:.2f} MB/s, "
               f"1000-byte pieces)")
-        job = client.call(TrainStartRequest("blue-roofs", upload="upload-1", max_steps=6))
-        assert job.state in ("queued", "running")
+        # 12 training records in batches of 8: 4 epochs are 6 steps
+        job = client.call(TrainStartRequest("blue-roofs", upload="upload-1", epochs=4))
+        assert job.state in ("queued", "running") and job.max_steps == 6
         assert job.data["chips"] == 8 and job.data["objects"] == 8
         assert job.data["instructions"] == ["the blue roofs"]
         done = wait_for(client, job.job, lambda r: r.finished, JOB_DEADLINE_S)
@@ -189,7 +190,7 @@ def test_an_uploaded_chip_set_is_fine_tuned_into_a_model_hello_lists_and_that_an
     record = card["training"]["fine_tune"]
     assert record["base_model"] == f"{BASE_NAME}@0.0.0"
     assert record["data"]["chips"] == 8 and record["instructions"] == ["the blue roofs"]
-    assert record["budget"]["max_steps"] == 6
+    assert record["budget"] == {"max_steps": 6, "max_seconds": None, "epochs": 4.0}
     assert record["iou"]["before"] == done.before_iou and record["iou"]["after"] == done.after_iou
     assert record["date"].startswith("20")
     work = [p for p in (cache / "tmp" / "training").rglob("*") if p.is_file()]

@@ -109,6 +109,8 @@ def test_train_start_travels_unchanged():
     local = TrainStartRequest("trees", base="default:red-roofs", chips_dir="/tmp/chips",
                               max_steps=5)
     assert TrainStartRequest.from_message(_sent(local)) == local
+    by_epochs = TrainStartRequest("trees", upload="u2", epochs=2.5)
+    assert TrainStartRequest.from_message(_sent(by_epochs)) == by_epochs
 
 
 @pytest.mark.parametrize("params", [
@@ -119,6 +121,7 @@ def test_train_start_travels_unchanged():
     {"name": "x", "upload": "u1", "max_steps": 0},
     {"name": "x", "upload": "u1", "max_steps": 2.5},
     {"name": "x", "upload": "u1", "max_seconds": -1},
+    {"name": "x", "upload": "u1", "epochs": 0},
     {"name": "x", "upload": "u1", "max_steps": 4, "base": "default:../y"},
 ])
 def test_train_start_refuses_bad_params_in_words(params):

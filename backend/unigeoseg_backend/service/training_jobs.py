@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -45,6 +46,7 @@ from unigeoseg_protocol.errors import ErrorCode, ProtocolError
 from unigeoseg_protocol.operations import (
     FINAL_TRAINING_STATES,
     MAX_EVENTS_PER_REPLY,
+    MAX_TRAIN_STEPS,
     TrainCancelRequest,
     TrainEvent,
     TrainJobReply,
@@ -109,6 +111,10 @@ class FineTuneRecipe:
     flip: float = 0.5              # probability of each of the left-right / top-bottom flips
     seed: int = 0
     device: str = "cpu"
+
+    def batch_for(self, chips: ChipSet) -> int:
+        """Samples per step on ``chips``: ``batch_size``, or all the training records."""
+        return max(1, min(self.batch_size, chips.train_records))
 
 
 # --------------------------------------------------------------------------- chip sets
@@ -222,7 +228,7 @@ def trainer_config_text(*, name: str, version: str, base_folder: Path, chips: Ch
                         recipe: FineTuneRecipe) -> str:
     """The TOML of a fine-tune of the default model in ``base_folder`` on ``chips`` (train
     split), scored on their val split before the first step and after the last."""
-    batch = max(1, min(recipe.batch_size, chips.train_records))
+    batch = recipe.batch_for(chips)
     run: dict[str, Any] = {"output_dir": output_dir, "seed": recipe.seed,
                            "max_steps": max_steps, "log_every": 1,
                            "checkpoint_every": max_steps, "keep_checkpoints": 1,
@@ -317,6 +323,7 @@ class TrainingJob:
     folder: Path                   # jobs/<id>
     max_steps: int
     max_seconds: float | None
+    epochs: float | None = None
     state: str = "queued"
     step: int = 0
     loss: float | None = None
@@ -551,12 +558,21 @@ class TrainingJobs:
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
             job = TrainingJob(id=job_id, name=request.name, base=request.base, chips=chips,
-                              folder=folder, max_steps=request.max_steps or 100_000,
-                              max_seconds=request.max_seconds)
+                              folder=folder, max_steps=self._steps(request, chips),
+                              max_seconds=request.max_seconds, epochs=request.epochs)
             self._jobs[job_id] = job
             self._queue.put(job)
             logger.info("training job queued", extra={"job": job_id, "model": request.name})
             return job.reply()
+
+    def _steps(self, request: TrainStartRequest, chips: ChipSet) -> int:
+        """The job's step budget: ``max_steps``, or the steps of ``epochs`` passes over the
+        training records if fewer (MAX_TRAIN_STEPS with a time budget alone)."""
+        budgets = [request.max_steps or MAX_TRAIN_STEPS]
+        if request.epochs is not None:
+            per_epoch = chips.train_records / self.recipe.batch_for(chips)
+            budgets.append(max(1, math.ceil(request.epochs * per_epoch)))
+        return min(budgets)
 
     def status(self, request: TrainStatusRequest) -> TrainJobReply:
         with self._lock:
@@ -733,7 +749,8 @@ class TrainingJobs:
             "base_model": read_model_card(base_folder).model_id,
             "data": job.chips.summary(),
             "instructions": list(job.chips.instructions),
-            "budget": {"max_steps": job.max_steps, "max_seconds": job.max_seconds},
+            "budget": {"max_steps": job.max_steps, "max_seconds": job.max_seconds,
+                       "epochs": job.epochs},
             "steps": job.step,
             "elapsed_s": round(job.elapsed_s(), 1),
             "iou": {"before": job.before_iou, "after": job.after_iou,
