@@ -300,3 +300,18 @@ def test_a_backend_killed_mid_job_leaves_no_model_and_the_next_one_cleans_up(
     with Client(restarted.address, timeout_s=30) as client:
         assert "default:half-done" not in client.hello().engines
     assert not any(p.exists() for p in left), "the next backend removed the dead one's files"
+
+
+def test_chips_upload_over_loopback_in_pieces_of_the_bound(backend, cache):
+    """Upload speed (benchmark print): 6 files of 4 MiB, one piece each; every byte lands."""
+    piece = np.random.default_rng(0).integers(0, 255, MAX_UPLOAD_CHUNK_BYTES, dtype=np.uint8)
+    with Client(backend.address, timeout_s=60) as client:
+        started = time.perf_counter()
+        for i in range(6):
+            reply = client.call(TrainUploadRequest("speed", f"images/{i}.png", piece))
+        elapsed = time.perf_counter() - started
+    print(f"upload: {reply.total_bytes / 2**20:.0f} MiB in {elapsed:.2f} s "
+          f"({reply.total_bytes / elapsed / 1e6:.0f} MB/s, 4 MiB pieces)")
+    assert reply.files == 6 and reply.total_bytes == 6 * MAX_UPLOAD_CHUNK_BYTES
+    stored = list((cache / "tmp" / "training").glob("*/uploads/speed/images/*.png"))
+    assert sorted(p.stat().st_size for p in stored) == [MAX_UPLOAD_CHUNK_BYTES] * 6

@@ -463,20 +463,24 @@ class TrainingJobs:
 
     def remove_stale(self) -> None:
         """Delete the work areas and staging folders of services that no longer run."""
-        for folder in self._owned_folders():
-            pid = int(folder.name.split("-", 2)[1 if folder.name.startswith(".") else 0])
+        for folder, pid in self._owned_folders():
             if pid != os.getpid() and not _pid_alive(pid):
                 logger.info("removing %s, left by a service that stopped", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _owned_folders(self) -> Iterator[Path]:
+    def _owned_folders(self) -> Iterator[tuple[Path, int]]:
+        """Work areas (``<pid>-<token>``) and staging folders (``.staging-<pid>-<name>``),
+        with the process id of the service that made each."""
         if self.training_root.is_dir():
-            yield from (f for f in self.training_root.iterdir()
-                        if f.name.split("-", 1)[0].isdigit())
+            for folder in self.training_root.iterdir():
+                pid = folder.name.split("-", 1)[0]
+                if pid.isdigit():
+                    yield folder, int(pid)
         if self.models_root.is_dir():
-            yield from (f for f in self.models_root.iterdir()
-                        if f.name.startswith(".staging-")
-                        and f.name.split("-", 2)[1].isdigit())
+            for folder in self.models_root.glob(".staging-*"):
+                pid = folder.name.split("-", 2)[1]
+                if pid.isdigit():
+                    yield folder, int(pid)
 
     def finished_models(self) -> list[tuple[str, Path]]:
         """The fine-tuned models in the cache: (name, folder), by name."""
