@@ -42,8 +42,6 @@ from typing import Any
 import numpy as np
 import rasterio
 import shapely
-from affine import Affine
-from pyproj import CRS
 
 from unigeoseg_protocol.params import Prompt, RasterOptions
 
@@ -168,7 +166,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
             on_gpu = engine.device.type == "cuda"
             with _Lane("read", on_gpu) as reader, _Lane("vectorize", on_gpu) as lane:
                 vectorizer = _StripVectorizer(polygonizer, write, lane)
-                pending = reader.submit(_read_batch, dataset, crs, batches[0], bands)
+                pending = reader.submit(_read_batch, dataset, batches[0], bands)
                 done = 0
                 for index, batch in enumerate(batches):
                     if cancel is not None:
@@ -176,8 +174,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
                     with stages.timing("read"):  # only the wait, when the reader runs ahead
                         pixels = pending.result()
                     if index + 1 < len(batches):
-                        pending = reader.submit(_read_batch, dataset, crs, batches[index + 1],
-                                                bands)
+                        pending = reader.submit(_read_batch, dataset, batches[index + 1], bands)
                     with stages.timing("segment"):
                         results = list(_segment_batch(pixels, engine, tile_prompt))
                     for tile, (mask, score, message) in zip(batch, results, strict=True):
@@ -333,17 +330,17 @@ class _TilePixels:
     grid: TileGrid
 
 
-def _read_batch(dataset: rasterio.DatasetReader, crs: CRS, batch: list[Tile],
+def _read_batch(dataset: rasterio.DatasetReader, batch: list[Tile],
                 bands: list[int] | None) -> list[_TilePixels]:
-    """Each tile of ``batch`` read from ``dataset`` (whose CRS is ``crs``).
+    """Each tile of ``batch`` read from ``dataset``, on the grid of its georeference (the
+    raster's CRS, the window's transform).
 
     Runs on the read lane, the only user of ``dataset`` while the loop runs."""
     out: list[_TilePixels] = []
     for tile in batch:
         read = read_tile(dataset, tile.window, bands)
         height, width = read.pixels.shape[:2]
-        grid = TileGrid(crs=crs, transform=Affine.from_gdal(*read.georeference.geotransform),
-                        width=width, height=height)
+        grid = TileGrid.from_georeference(read.georeference, width, height)
         try:
             rgb, valid = to_rgb8(read.pixels, RasterOptions())
             out.append(_TilePixels(rgb, valid, grid))
