@@ -235,11 +235,17 @@ class RasterOptions:
         nodata: pixel value meaning "no data" (NaN always means no data too).
         stretch: ``auto`` (uint8 kept as is, other dtypes 2-98 percentile per band),
             ``minmax`` or ``none`` (values clipped to 0-255).
+        value_range: a fixed stretch instead, one ``(low, high)`` per output channel (R, G,
+            B; or one for grey): ``low..high`` maps linearly to 0..255 whatever the dtype.
+            Computed once over a whole raster (its 2nd..98th percentiles), it makes every
+            tile of that raster look alike, where a per-tile stretch makes a tile of open
+            water brighter than the same water on a tile of land. Wire name ``range``.
     """
 
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
     stretch: str = "auto"
+    value_range: tuple[tuple[float, float], ...] | None = None
 
     @classmethod
     def from_wire(cls, value: Any) -> RasterOptions:
@@ -260,7 +266,10 @@ class RasterOptions:
         stretch = value.get("stretch", "auto")
         if stretch not in ("auto", "minmax", "none"):
             raise _invalid("raster.stretch must be auto, minmax or none")
-        return cls(bands=bands, nodata=nodata, stretch=stretch)
+        value_range = value.get("range")
+        if value_range is not None:
+            value_range = _value_range(value_range, bands)
+        return cls(bands=bands, nodata=nodata, stretch=stretch, value_range=value_range)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"stretch": self.stretch}
@@ -268,5 +277,22 @@ class RasterOptions:
             wire["bands"] = list(self.bands)
         if self.nodata is not None:
             wire["nodata"] = self.nodata
+        if self.value_range is not None:
+            wire["range"] = [list(pair) for pair in self.value_range]
         return wire
+
+
+def _value_range(value: Any, bands: tuple[int, ...] | None) -> tuple[tuple[float, float], ...]:
+    """``raster.range``: 1 or 3 ``[low, high]`` pairs of finite numbers, low < high, one per
+    output channel (as many as ``raster.bands`` names, when it names them)."""
+    if not isinstance(value, list) or len(value) not in (1, 3) or not all(
+            isinstance(pair, list) and len(pair) == 2 for pair in value):
+        raise _invalid("raster.range must list 1 or 3 [low, high] pairs (one per channel)")
+    if bands is not None and len(bands) != len(value):
+        raise _invalid(f"raster.range has {len(value)} pairs for {len(bands)} bands")
+    pairs = tuple((_finite_number(lo, "raster.range"), _finite_number(hi, "raster.range"))
+                  for lo, hi in value)
+    if not all(lo < hi for lo, hi in pairs):
+        raise _invalid("raster.range: each low must be below its high")
+    return pairs
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unigeoseg_backend.errors import BadFrameError, InvalidInputError, NoValidPixelsError
-from unigeoseg_backend.geo.pixels import to_rgb8
+from unigeoseg_backend.geo.pixels import percentile_ranges, to_rgb8
 from unigeoseg_protocol.params import RasterOptions
 
 AUTO = RasterOptions()
@@ -225,3 +225,27 @@ def test_bool_and_wide_ints() -> None:
 def test_unknown_stretch() -> None:
     with pytest.raises(InvalidInputError):
         to_rgb8(np.zeros((2, 2), np.uint8), RasterOptions(stretch="gamma"))
+
+
+def test_a_fixed_value_range_stretches_every_tile_of_a_raster_alike():
+    rng = np.random.default_rng(3)
+    raster = rng.integers(200, 3000, (64, 128, 3)).astype(np.uint16)
+    raster[:, 64:] //= 4                               # the right half is darker ("water")
+    whole = percentile_ranges(raster, RasterOptions())
+    assert whole is not None and len(whole) == 3
+    fixed = RasterOptions(value_range=whole)
+    left, _ = to_rgb8(raster[:, :64], fixed)
+    right, _ = to_rgb8(raster[:, 64:], fixed)
+    together, _ = to_rgb8(raster, fixed)
+    assert np.array_equal(np.concatenate([left, right], axis=1), together)
+    per_tile, _ = to_rgb8(raster[:, 64:], RasterOptions())
+    print("dark half mean, fixed", right.mean(), "per tile", per_tile.mean())
+    assert right.mean() < per_tile.mean() - 30      # a per-tile stretch brightens it
+
+
+def test_the_value_range_applies_to_8_bit_pixels_and_is_none_where_nothing_is_stretched():
+    pixels = np.array([[[10, 20, 30], [110, 120, 130]]], dtype=np.uint8)
+    rgb, _ = to_rgb8(pixels, RasterOptions(value_range=((10, 110), (20, 120), (30, 130))))
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 1].tolist() == [255, 255, 255]
+    assert percentile_ranges(pixels, RasterOptions()) is None
+    assert percentile_ranges(pixels.astype(np.uint16), RasterOptions(stretch="none")) is None

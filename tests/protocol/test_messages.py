@@ -178,3 +178,14 @@ def test_prompts_built_in_python_default_their_task_like_wire_prompts():
     assert Prompt(text="the pond").task == "referring"
     assert Prompt(points=((1.0, 2.0),)).task == "interactive"
     assert Prompt(text="the pond", task="reasoning").task == "reasoning"
+
+
+def test_a_fixed_value_range_round_trips_and_bad_ones_are_refused_in_words():
+    raster = RasterOptions(bands=(2, 1, 0), value_range=((100.0, 900.0), (0.0, 1.0), (5, 6)))
+    assert RasterOptions.from_wire(raster.to_wire()) == raster
+    for bad, words in ((["x"], "pairs"), ([[1, 2], [3, 4]], "pairs"),
+                       ([[5, 1], [0, 1], [0, 1]], "below"), ([[0, float("nan")]], "finite")):
+        with pytest.raises(ProtocolError, match=words):
+            RasterOptions.from_wire({"range": bad})
+    with pytest.raises(ProtocolError, match="3 bands"):
+        RasterOptions.from_wire({"bands": [0, 1, 2], "range": [[0, 1]]})

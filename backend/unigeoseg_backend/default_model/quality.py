@@ -4,10 +4,11 @@ reference labels (``references.py``), along the path an analyst's request takes.
 For every evaluation region (``regions.evaluation_window``) the region is cut into the
 whole-raster run's tiles (512 px with a 64 px overlap, ``geo.tiling.tile_grid``). Each tile's
 bands are read with ``sources.read_scene`` over that tile's window (so with its own transform
-and the scene's CRS), made 8-bit RGB with ``radiometry.to_model_rgb`` over the tile (the
-stretch the Segmenter applies to a tile QGIS sends) and encoded once on its ``TileGrid``
-(``engines.base.encode_tile``). Prompts are ``unigeoseg_protocol.params.Prompt`` objects
-(clicks and boxes in map coordinates), turned into a tile's pixel frame by
+and the scene's CRS), made 8-bit RGB with ``radiometry.to_model_rgb`` with one stretch for
+the whole region (its percentiles, as a whole-raster run stretches a raster) and encoded once
+on its ``TileGrid`` (``engines.base.encode_tile``). Prompts are
+``unigeoseg_protocol.params.Prompt`` objects (clicks and boxes in map coordinates), turned
+into a tile's pixel frame by
 ``segmenter.to_tile_prompt`` and decoded on the cached features. A text prompt is decoded on
 every tile; its masks are cut to nodata (as the Segmenter does) and each tile's core is
 pasted into the region's mask, as a whole-raster run stitches them. A click or a box is
@@ -44,12 +45,13 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
-from unigeoseg_protocol.params import Prompt
+from unigeoseg_protocol.params import Prompt, RasterOptions
 
 from ..engines.base import encode_tile
 from ..engines.default_engine import DefaultEmbedding, DefaultEngine, box_region
 from ..geo.crs import crs_to_text, parse_crs
 from ..geo.grid import TileGrid
+from ..geo.pixels import percentile_ranges
 from ..geo.tiling import Tile, tile_grid
 from ..pipelines.whole_raster import RasterRunOptions
 from ..segmenter import to_tile_prompt
@@ -315,8 +317,9 @@ def encode_region(engine: DefaultEngine, scene_name: str, tile_px: int = TILE_PX
     """Read, stretch and encode every tile of ``scene_name``'s evaluation region.
 
     Each tile is read over its own window of the scene (``read_scene``: that window's
-    transform, the scene's CRS), made RGB over the tile alone (``to_model_rgb``, with the
-    scene's nodata) and encoded on its ``TileGrid``.
+    transform, the scene's CRS), made RGB with the region's one stretch (its 2nd..98th
+    percentiles, ``geo.pixels.percentile_ranges``, as a whole-raster run stretches a
+    raster; the scene's nodata) and encoded on its ``TileGrid``.
 
     Raises:
         ValueError: the scene has no evaluation region.
@@ -332,11 +335,16 @@ def encode_region(engine: DefaultEngine, scene_name: str, tile_px: int = TILE_PX
     valid = np.zeros((height, width), dtype=bool)
     tiles = []
     region_grid = None
+    # One stretch for the whole region, from its own percentiles, as a whole-raster run
+    # stretches every tile of a raster alike (8-bit scenes keep their values).
+    whole = read_scene(scene, rgb_band_names(scene), window)
+    value_range = percentile_ranges(np.moveaxis(whole.pixels, 0, -1),
+                                    RasterOptions(nodata=whole.nodata))
     for tile in tile_grid(width, height, tile_px, overlap_px):
         tw = tile.window
         chip = read_scene(scene, rgb_band_names(scene),
                           Window(col0 + tw.col_off, row0 + tw.row_off, tw.width, tw.height))
-        rgb, tile_valid = to_model_rgb(chip.pixels, chip.nodata)
+        rgb, tile_valid = to_model_rgb(chip.pixels, chip.nodata, value_range)
         grid = _grid(chip.crs, chip.transform, int(tw.width), int(tw.height))
         if region_grid is None and grid is not None:  # the first tile starts at (0, 0)
             region_grid = TileGrid(grid.crs, grid.transform, width, height)

@@ -38,17 +38,22 @@ def rgb_band_names(scene: Scene) -> tuple[str, str, str]:
     return RGB_BANDS.get(scene.name, ("red", "green", "blue"))
 
 
-def to_model_rgb(bands: np.ndarray, nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def to_model_rgb(bands: np.ndarray, nodata: float | None = None,
+                 value_range: tuple[tuple[float, float], ...] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """8-bit RGB the default model takes, from red, green and blue bands.
 
     Args:
         bands: 3 x H x W (band-first, as rasterio reads) red, green, blue, any dtype
             ``geo.pixels.to_rgb8`` takes; the percentiles are those of this whole array.
         nodata: the bands' nodata value, if any.
+        value_range: a fixed stretch per band (``RasterOptions.value_range``: a whole
+            raster's percentiles) instead of this array's own.
 
     Returns:
         ``(rgb, valid)``: H x W x 3 uint8 and H x W bool (False at nodata pixels, which are 0).
     """
     if bands.ndim != 3 or bands.shape[0] != 3:
         raise ValueError(f"bands must be 3 x H x W (red, green, blue), got shape {bands.shape}")
-    return to_rgb8(np.moveaxis(bands, 0, -1), RasterOptions(nodata=nodata, stretch="auto"))
+    return to_rgb8(np.moveaxis(bands, 0, -1),
+                   RasterOptions(nodata=nodata, stretch="auto", value_range=value_range))

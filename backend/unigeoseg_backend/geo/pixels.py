@@ -118,6 +118,34 @@ def _sample(band: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return values
 
 
+def percentile_ranges(pixels: np.ndarray, raster: RasterOptions
+                      ) -> tuple[tuple[float, float], ...] | None:
+    """The ``(low, high)`` per output channel that :func:`to_rgb8` would stretch ``pixels``
+    with under ``raster``'s stretch (``raster.value_range`` for a whole raster, computed on
+    a decimated read of it), or None where that stretch keeps the values (8-bit under
+    ``auto`` or ``none``, any dtype under ``none``).
+
+    Raises:
+        NoValidPixelsError: no pixel is valid.
+    """
+    frame = _check_frame(pixels)
+    if raster.stretch == "none" or (frame.dtype in (np.uint8, np.bool_)
+                                    and raster.stretch == "auto"):
+        return None
+    rgb_src = _choose_bands(frame.shape[2], raster.bands)
+    used = sorted(set(rgb_src))
+    valid = _valid_mask(frame, used, _nodata_for(frame.dtype, raster.nodata), None)
+    if valid is not None and not valid.any():
+        raise NoValidPixelsError("every pixel of the raster's sample is nodata",
+                                 details={"nodata": raster.nodata})
+    stretch = "percentile" if raster.stretch == "auto" else raster.stretch
+    ranges = []
+    for b in rgb_src:
+        lo, hi = _band_range(frame[:, :, b], valid, stretch)
+        ranges.append((lo, hi) if hi > lo else (lo, lo + 1.0))
+    return tuple(ranges)
+
+
 def _band_range(band: np.ndarray, valid: np.ndarray | None, stretch: str) -> tuple[float, float]:
     """``(lo, hi)`` of a band's valid values to map onto 0..255.
 
@@ -203,6 +231,8 @@ def to_rgb8(pixels: np.ndarray, raster: RasterOptions) -> tuple[np.ndarray, np.n
               and alpha 0 marks a pixel invalid.
             * ``nodata``: a pixel whose value in any used band equals it is invalid. NaN and
               +-inf are always invalid.
+            * ``value_range``: when given, channel ``k``'s ``(low, high)`` maps to 0..255 for
+              any dtype, and ``stretch`` is not used (one stretch for a whole raster).
             * ``stretch``: ``auto`` keeps uint8 (and bool) as is and percentile-stretches
               anything else; ``minmax`` maps each band's valid min..max to 0..255;
               ``none`` clips values to 0..255 (floats rounded). The percentile stretch maps
@@ -245,7 +275,15 @@ def to_rgb8(pixels: np.ndarray, raster: RasterOptions) -> tuple[np.ndarray, np.n
         frame = frame.view(np.uint8) * np.uint8(255)
 
     rgb = np.empty((height, width, 3), dtype=np.uint8)
-    if frame.dtype == np.uint8 and raster.stretch in ("auto", "none"):
+    if raster.value_range is not None:
+        ranges = raster.value_range
+        if len(ranges) not in (1, 3):
+            raise InvalidInputError(f"raster.range needs 1 or 3 (low, high) pairs, got "
+                                    f"{len(ranges)}")
+        for k, b in enumerate(rgb_src):
+            lo, hi = ranges[k if len(ranges) == 3 else 0]
+            _stretch_band(frame[:, :, b], float(lo), float(hi), valid, rgb[:, :, k])
+    elif frame.dtype == np.uint8 and raster.stretch in ("auto", "none"):
         start = rgb_src[0]
         if rgb_src == (start, start + 1, start + 2):
             np.copyto(rgb, frame[:, :, start:start + 3])  # the single copy of the 8-bit path
