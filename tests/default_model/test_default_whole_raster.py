@@ -58,3 +58,44 @@ def test_a_prompt_it_does_not_understand_writes_nothing_and_says_why_once(engine
                              tmp_path / "out.gpkg", OPTIONS)
     assert summary.polygons == 0 and len(summary.messages) == 1
     assert "did not understand 'the airplanes'" in summary.messages[0]
+
+
+def test_a_16_bit_raster_is_stretched_once_for_all_its_tiles(engine, tmp_path, monkeypatch):
+    from unigeoseg_backend.pipelines import whole_raster
+
+    path = tmp_path / "uint16.tif"
+    values = np.full((160, 200), 900, np.uint16)
+    values[:, 100:] = 4000                        # the right half is much brighter
+    values[40:120, 50:170] = 12000
+    with rasterio.open(path, "w", driver="GTiff", width=200, height=160, count=3,
+                       dtype="uint16", crs="EPSG:32633",
+                       transform=Affine(10.0, 0, 500_000, 0, -10.0, 5_000_000)) as dst:
+        dst.write(np.stack([values] * 3))
+    seen = []
+    real = whole_raster.to_rgb8
+
+    def spy(pixels, options):
+        rgb, valid = real(pixels, options)
+        seen.append((options.value_range, pixels, rgb))
+        return rgb, valid
+
+    monkeypatch.setattr(whole_raster, "to_rgb8", spy)
+    summary = segment_raster(path, Prompt(text="water"), engine, tmp_path / "out.gpkg", OPTIONS)
+    ranges = {r for r, _, _ in seen}
+    print("tiles", summary.tiles, "ranges", ranges)
+    assert len(seen) == summary.tiles > 1 and len(ranges) == 1 and None not in ranges
+    # the same source value is the same 8-bit value on every tile
+    looks = {}
+    for _, pixels, rgb in seen:
+        for value in (900, 4000, 12000):
+            at = pixels[..., 0] == value
+            if at.any():
+                looks.setdefault(value, set()).update(np.unique(rgb[..., 0][at]).tolist())
+    assert all(len(v) == 1 for v in looks.values()), looks
+
+
+def test_an_8_bit_raster_keeps_its_values(engine, tmp_path):
+    from unigeoseg_backend.pipelines.whole_raster import raster_value_range
+
+    with rasterio.open(_raster(tmp_path / "eight.tif", 10.0)) as dataset:
+        assert raster_value_range(dataset, None) is None

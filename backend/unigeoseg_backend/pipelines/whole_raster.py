@@ -1,8 +1,10 @@
 """A text prompt over a whole raster, into a GeoPackage, in bounded memory.
 
 The raster is cut into overlapping tiles (:func:`~..geo.tiling.tile_grid`), read window by
-window. Each tile is converted to RGB like the service does (``to_rgb8``: uint8 kept, other
-types percentile-stretched per tile) and segmented with the prompt by the engine's
+window. Each tile is converted to RGB like the service does (``to_rgb8``: uint8 kept), except
+that wider types get one stretch for the whole raster (its 2nd..98th percentiles per band,
+from a decimated read of at most :data:`STRETCH_SAMPLE_PX` a side), so tiles of open water
+and tiles of land show the same water alike; then it is segmented with the prompt by the engine's
 ``segment_tiles``, in groups of ``batch_size`` tiles (row-major), each tile on its grid (the
 raster's CRS and the window's transform) for an engine that reads the georeference. Each
 tile's *core* (the tile less half the overlap on sides with a neighbour; cores partition the
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import shapely
+from rasterio.windows import Window
 
 from unigeoseg_protocol.params import Prompt, RasterOptions
 
@@ -49,7 +52,7 @@ from ..engines.base import Engine, Prediction, TilePrompt
 from ..errors import CRSError, InvalidInputError, NoValidPixelsError
 from ..geo.crs import parse_crs
 from ..geo.grid import TileGrid
-from ..geo.pixels import to_rgb8
+from ..geo.pixels import percentile_ranges, to_rgb8
 from ..geo.raster_io import read_tile
 from ..geo.tiling import AxisSpan, Region, StripPolygonizer, Tile, axis_spans, tile_grid
 from ..geo.vector_io import StagedLayer
@@ -106,6 +109,24 @@ class RasterRunSummary:
                 f"{stages}; model {self.model}){said}")
 
 
+#: The longest side of the decimated read a whole raster's stretch is computed on.
+STRETCH_SAMPLE_PX = 1024
+
+
+def raster_value_range(dataset: rasterio.DatasetReader, bands: list[int] | None
+                       ) -> tuple[tuple[float, float], ...] | None:
+    """One stretch for every tile of ``dataset`` (``RasterOptions.value_range``): the
+    percentiles of a decimated read, or None for 8-bit rasters (kept as they are)."""
+    if all(dtype == "uint8" for dtype in dataset.dtypes):
+        return None
+    sample = read_tile(dataset, Window(0, 0, dataset.width, dataset.height), bands,
+                       max_side_px=STRETCH_SAMPLE_PX)
+    try:
+        return percentile_ranges(sample.pixels, RasterOptions())
+    except NoValidPixelsError:
+        return None             # every tile is then nodata too, and says so
+
+
 def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: str | Path,
                    options: RasterRunOptions = RasterRunOptions(),
                    progress: ProgressCallback | None = None,
@@ -144,6 +165,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
             raise CRSError(f"{raster} has no CRS; georeference it first")
         width, height = dataset.width, dataset.height
         tiles = tile_grid(width, height, options.tile, options.overlap)
+        rgb_options = RasterOptions(value_range=raster_value_range(dataset, bands))
         row_spans = axis_spans(height, options.tile, options.overlap)
         col_spans = axis_spans(width, options.tile, options.overlap)
         polygonizer = StripPolygonizer(
@@ -166,7 +188,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
             on_gpu = engine.device.type == "cuda"
             with _Lane("read", on_gpu) as reader, _Lane("vectorize", on_gpu) as lane:
                 vectorizer = _StripVectorizer(polygonizer, write, lane)
-                pending = reader.submit(_read_batch, dataset, batches[0], bands)
+                pending = reader.submit(_read_batch, dataset, batches[0], bands, rgb_options)
                 done = 0
                 for index, batch in enumerate(batches):
                     if cancel is not None:
@@ -174,7 +196,8 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
                     with stages.timing("read"):  # only the wait, when the reader runs ahead
                         pixels = pending.result()
                     if index + 1 < len(batches):
-                        pending = reader.submit(_read_batch, dataset, batches[index + 1], bands)
+                        pending = reader.submit(_read_batch, dataset, batches[index + 1], bands,
+                                                rgb_options)
                     with stages.timing("segment"):
                         results = list(_segment_batch(pixels, engine, tile_prompt))
                     for tile, (mask, score, message) in zip(batch, results, strict=True):
@@ -331,7 +354,7 @@ class _TilePixels:
 
 
 def _read_batch(dataset: rasterio.DatasetReader, batch: list[Tile],
-                bands: list[int] | None) -> list[_TilePixels]:
+                bands: list[int] | None, rgb_options: RasterOptions) -> list[_TilePixels]:
     """Each tile of ``batch`` read from ``dataset``, on the grid of its georeference (the
     raster's CRS, the window's transform).
 
@@ -342,7 +365,7 @@ def _read_batch(dataset: rasterio.DatasetReader, batch: list[Tile],
         height, width = read.pixels.shape[:2]
         grid = TileGrid.from_georeference(read.georeference, width, height)
         try:
-            rgb, valid = to_rgb8(read.pixels, RasterOptions())
+            rgb, valid = to_rgb8(read.pixels, rgb_options)
             out.append(_TilePixels(rgb, valid, grid))
         except NoValidPixelsError:
             out.append(_TilePixels(None, np.zeros((height, width), bool), grid))
