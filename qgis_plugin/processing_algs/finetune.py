@@ -40,6 +40,7 @@ from qgis.core import (
     QgsField,
     QgsFields,
     QgsGeometry,
+    QgsGeometryCollection,
     QgsPointXY,
     QgsPolygon,
     QgsProcessing,
@@ -140,18 +141,23 @@ def _ring_xy(ring) -> np.ndarray:
 
 
 def _polygon_parts(geometry: QgsGeometry) -> list[tuple[np.ndarray, ...]]:
-    """The polygon parts of a geometry (a collection's lines and points dropped), each
-    ``(exterior, holes...)`` as ``N x 2`` map coordinates."""
-    abstract = geometry.constGet()
-    if QgsWkbTypes.isCurvedType(abstract.wkbType()):
-        abstract = abstract.segmentize()
-    parts = []
-    for part in abstract.constParts() if hasattr(abstract, "constParts") else [abstract]:
-        if not isinstance(part, QgsPolygon) or part.exteriorRing() is None:
+    """The polygon parts of a geometry, however nested (``makeValid`` may return a
+    collection holding a multipolygon and lines); lines and points are dropped. Each part
+    is ``(exterior, holes...)`` as ``N x 2`` map coordinates; curves are segmentised."""
+    parts: list[tuple[np.ndarray, ...]] = []
+    pending = [geometry.constGet()]
+    while pending:
+        item = pending.pop()
+        if item is None:
             continue
-        rings = [part.exteriorRing()] + [part.interiorRing(i)
-                                         for i in range(part.numInteriorRings())]
-        parts.append(tuple(_ring_xy(ring) for ring in rings))
+        if QgsWkbTypes.isCurvedType(item.wkbType()):
+            item = item.segmentize()
+        if isinstance(item, QgsGeometryCollection):
+            pending.extend(item.geometryN(i) for i in reversed(range(item.numGeometries())))
+        elif isinstance(item, QgsPolygon) and item.exteriorRing() is not None:
+            rings = [item.exteriorRing()] + [item.interiorRing(i)
+                                             for i in range(item.numInteriorRings())]
+            parts.append(tuple(_ring_xy(ring) for ring in rings))
     return parts
 
 
