@@ -202,13 +202,20 @@ class WeightStatus:
 
     Attributes:
         kind: ``sam`` (a registry checkpoint), ``hub`` (a released model from the hub),
-            ``local`` (another model folder in ``<cache>/models/``) or ``finetuned`` (a
-            default model a fine-tuning job made, in ``<cache>/finetuned/``).
+            ``local`` (another model folder in ``<cache>/models/``), ``default`` (the
+            embedded default model's weights folder, shipped in the package or named by the
+            user) or ``finetuned`` (a default model a fine-tuning job made, in
+            ``<cache>/finetuned/``).
         size_bytes: the full size; 0 when not known yet (a hub model before its first
             download).
+        downloaded: the files are there (for a default-model folder: its card and weights).
         verified: True when every file passed its last full check and has not changed since,
             False when one is missing, has the wrong size or failed its last check, None when
-            not known (never hashed, changed since, or nothing to check against).
+            not known (never hashed, changed since, or nothing to check against). A
+            default-model folder is hashed each time: True when the weights file's SHA-256
+            is its card's.
+        problem: why a folder that is there cannot be used (an invalid card, a missing
+            weights file), in words for the user; None otherwise.
     """
 
     name: str
@@ -218,6 +225,7 @@ class WeightStatus:
     partial_bytes: int = 0
     kind: str = "sam"
     verified: bool | None = None
+    problem: str | None = None
 
 
 _OFFICIAL_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
@@ -521,9 +529,11 @@ def verify_model(name: str, folder: str | os.PathLike[str] | None = None) -> Ver
 
 
 def status() -> list[WeightStatus]:
-    """One row per SAM registry entry, per hub model and per other model folder in
-    ``<cache>/models/``. Nothing is hashed (``verify`` is the thorough check): ``verified``
-    comes from sizes and the record of earlier checks."""
+    """One row per SAM registry entry, per hub model, for the default model shipped in the
+    package, per other model folder in ``<cache>/models/`` and per fine-tuned default model
+    in ``<cache>/finetuned/``. Checkpoints and UniGeoSeg models are not hashed (``verify`` is
+    the thorough check): their ``verified`` comes from sizes and the record of earlier
+    checks. Default-model weights (a few MB) are hashed against their card."""
     rows = []
     folder = cache_dir()
     for spec in REGISTRY.values():
@@ -535,25 +545,71 @@ def status() -> list[WeightStatus]:
         rows.append(WeightStatus(spec.name, spec.size_bytes, downloaded, final, partial,
                                  "sam", verified))
     rows.extend(_hub_status(hub_spec) for hub_spec in HUB_MODELS.values())
+    rows.append(default_model_status(shipped_default_model_dir()))
     if models_dir().is_dir():
         for model in sorted(models_dir().iterdir()):
             if (model.name in HUB_MODELS or model.name.startswith(".")
                     or not (model / "config.json").is_file()):
                 continue
-            size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
-            rows.append(WeightStatus(model.name, size, True, model, 0, "local", None))
+            rows.append(local_model_status(model))
     rows.extend(_finetuned_status())
     return rows
 
 
+def local_model_status(folder: Path) -> WeightStatus:
+    """The row of a UniGeoSeg model folder in the released layout that no hub lock pins
+    (a fine-tuned export, ``<output_dir>/model``): its size; nothing to verify against."""
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return WeightStatus(folder.name, size, True, folder, 0, "local", None)
+
+
 def _finetuned_status() -> list[WeightStatus]:
-    """One row per fine-tuned model folder (a staging folder, hidden, is not one yet)."""
+    """One row per fine-tuned model folder, named as ``default:<name>`` selects it (a staging
+    folder, hidden, is not one yet)."""
     if not finetuned_dir().is_dir():
         return []
-    return [WeightStatus(model.name, sum(f.stat().st_size for f in model.rglob("*")
-                                         if f.is_file()), True, model, 0, "finetuned", None)
+    return [default_model_status(model, kind="finetuned", name=model.name)
             for model in sorted(finetuned_dir().iterdir())
             if not model.name.startswith(".") and (model / "model_card.json").is_file()]
+
+
+#: The name of a default-model row whose card cannot be read (or that is not installed).
+DEFAULT_MODEL_ROW = "default-model"
+
+
+def shipped_default_model_dir() -> Path:
+    """The default model's weights folder inside the installed package."""
+    from .default_model.weights_io import shipped_weights_dir  # it imports this module
+
+    return shipped_weights_dir()
+
+
+def default_model_status(folder: Path, *, kind: str = "default",
+                         name: str | None = None) -> WeightStatus:
+    """The row of a default-model weights folder (``model_card.json`` and the safetensors
+    file it names), called ``name`` or else its card's ``name@version``.
+
+    No card: not installed. An unreadable card or a missing weights file: there, with the
+    ``problem`` said. Otherwise ``verified`` is whether the weights file's SHA-256 is the
+    card's (hashed here; the engine checks the same before loading)."""
+    from .default_model.weights_io import MODEL_CARD_FILE, read_model_card
+
+    card_path = folder / MODEL_CARD_FILE
+    if not card_path.is_file():
+        return WeightStatus(name or DEFAULT_MODEL_ROW, 0, False, folder, kind=kind)
+    try:
+        card = read_model_card(folder)
+    except WeightsError as exc:
+        return WeightStatus(name or DEFAULT_MODEL_ROW, card_path.stat().st_size, True, folder,
+                            kind=kind, verified=False, problem=exc.message)
+    weights = folder / card.weights_file
+    size = card_path.stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
+    if not weights.is_file():
+        return WeightStatus(name or card.model_id, size, True, folder, kind=kind,
+                            verified=False,
+                            problem=f"{card.weights_file}, named by its card, is missing")
+    return WeightStatus(name or card.model_id, size, True, folder, kind=kind,
+                        verified=sha256_file(weights) == card.sha256)
 
 
 def _hub_status(spec: HubModelSpec) -> WeightStatus:

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from ..engines.base import EngineSettings
 from ..errors import WeightsError
@@ -23,11 +24,16 @@ from ..weights import (
     WeightStatus,
     cache_dir,
     configured_model,
+    default_model_status,
     download,
     known_names,
+    local_model_status,
+    models_dir,
+    shipped_default_model_dir,
     status,
     verify,
 )
+from .predict import DEFAULT_MODEL_ENV
 
 EXIT_UNREACHABLE = 2
 
@@ -43,7 +49,8 @@ def add_weights_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     commands = parser.add_subparsers(dest="weights_command", metavar="COMMAND")
 
     listing = commands.add_parser(
-        "list", help="show every known and cached model: size, state, verified, path")
+        "list", help="show every model: SAM checkpoints, UniGeoSeg, the default model and "
+                     "fine-tuned ones, with size, state, verified, path")
     listing.set_defaults(func=cmd_list)
 
     hub = ", ".join(f"{spec.name} ({spec.repo_id})" for spec in HUB_MODELS.values())
@@ -96,11 +103,17 @@ def _human(size: int) -> str:
 
 
 _KIND_TITLES = {"sam": "SAM", "hub": "UniGeoSeg (hub)", "local": "UniGeoSeg (local)",
-                "finetuned": "fine-tuned"}
+                "default": "default model", "finetuned": "default fine-tuned"}
+#: Kinds that are installed (shipped, exported, made by a job) rather than downloaded.
+_INSTALLED_KINDS = ("default", "finetuned")
 _VERIFIED_WORDS = {True: "yes", False: "no", None: "unknown"}
 
 
 def _state(row: WeightStatus) -> str:
+    if row.problem is not None:
+        return "unusable"
+    if row.kind in _INSTALLED_KINDS:
+        return "installed" if row.downloaded else "not installed"
     if row.downloaded:
         return "downloaded"
     if row.partial_bytes:
@@ -108,27 +121,53 @@ def _state(row: WeightStatus) -> str:
     return "not downloaded"
 
 
-def _defaults() -> set[str]:
-    """What ``serve`` uses without options: the SAM checkpoint of the default type, and the
-    UniGeoSeg model ``$UNIGEOSEG_MODEL`` names."""
+def _configured_rows(rows: list[WeightStatus]) -> tuple[list[WeightStatus], set[Path]]:
+    """Rows for the folders the environment names outside the cache and the package (a
+    training run's export as ``$UNIGEOSEG_MODEL`` or ``$UNIGEOSEG_DEFAULT_MODEL``), and the
+    folders ``serve`` uses without options: the default model's (that variable's, else the
+    package's) and the UniGeoSeg model's."""
+    listed = {row.path.resolve() for row in rows}
+    extra: list[WeightStatus] = []
     text_model = configured_model(None)
-    return {f"sam_{EngineSettings.sam_type}", *([os.fspath(text_model)] if text_model else [])}
+    used: set[Path] = set()
+    if text_model is not None:
+        folder = Path(text_model).expanduser()
+        if not folder.is_dir():  # a name in <cache>/models/
+            folder = models_dir() / os.fspath(text_model)
+        used.add(folder.resolve())
+        if folder.is_dir() and folder.resolve() not in listed:
+            extra.append(local_model_status(folder))
+    named_default = os.environ.get(DEFAULT_MODEL_ENV)
+    if named_default:
+        folder = Path(named_default).expanduser()
+        used.add(folder.resolve())
+        if folder.resolve() not in listed:
+            extra.append(default_model_status(folder))
+    else:
+        used.add(shipped_default_model_dir().resolve())
+    return extra, used
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """``weights list``: one line per known checkpoint or model and per cached model folder;
-    ``*`` marks the defaults."""
+    """``weights list``: one line per known checkpoint or model, the default model, each
+    cached or fine-tuned model folder and each folder the environment names; ``*`` marks
+    what ``serve`` uses without options."""
     rows = status()
-    defaults = _defaults()
-    print(f"Cache folder: {cache_dir()}  (* default; text model from ${MODEL_ENV})")
+    extra, used = _configured_rows(rows)
+    rows += extra
+    default_sam = f"sam_{EngineSettings.sam_type}"
+    print(f"Cache folder: {cache_dir()}  (* default; text model from ${MODEL_ENV}, default "
+          f"model from ${DEFAULT_MODEL_ENV}, else the package's)")
     width = max((len(r.name) for r in rows), default=4) + 2
-    print(f"{'NAME':<{width}}  {'KIND':<17}  {'SIZE':>10}  {'STATE':<16}  VERIFIED  PATH")
+    print(f"{'NAME':<{width}}  {'KIND':<18}  {'SIZE':>10}  {'STATE':<16}  VERIFIED  PATH")
     for row in rows:
-        marked = f"{row.name}{' *' if row.name in defaults or str(row.path) in defaults else ''}"
+        is_default = row.name == default_sam or row.path.resolve() in used
+        marked = f"{row.name}{' *' if is_default else ''}"
         size = _human(row.size_bytes) if row.size_bytes else "?"
         verified = _VERIFIED_WORDS[row.verified] if row.path.exists() else "-"
-        print(f"{marked:<{width}}  {_KIND_TITLES[row.kind]:<17}  {size:>10}  "
-              f"{_state(row):<16}  {verified:<8}  {row.path}")
+        why = f"  ({row.problem})" if row.problem else ""
+        print(f"{marked:<{width}}  {_KIND_TITLES[row.kind]:<18}  {size:>10}  "
+              f"{_state(row):<16}  {verified:<8}  {row.path}{why}")
     return 0
 
 
