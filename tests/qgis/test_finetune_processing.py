@@ -284,3 +284,21 @@ def test_cancel_stops_the_job_and_no_model_is_made(provider, raster, polygons,
     assert "ENGINE" not in result or result["ENGINE"] is None
     assert "Cancelled: no model was made" in feedback.infos
     assert not (tmp_path / "cache" / "weights" / "finetuned" / "ponds").exists()
+
+
+def test_a_backend_on_another_machine_gets_the_chips_uploaded_in_pieces(
+        provider, raster, polygons, training_backend, monkeypatch):
+    import processing
+    from qgis_plugin.processing_algs import finetune
+
+    # The loopback backend stands in for a remote one: the chips travel over the protocol.
+    monkeypatch.setattr(finetune, "_is_local", lambda address: False)
+    monkeypatch.setattr(finetune, "MAX_UPLOAD_CHUNK_BYTES", 4096)
+    feedback = RecordingFeedback()
+    result = processing.run("unigeoseg:finetunemodel", {
+        "INPUT": raster, "POLYGONS": polygons, "INSTRUCTION": "pond", "NAME": "ponds-remote",
+        "STEPS": 2, "BACKEND": training_backend.address}, feedback=feedback)
+    print("\n".join(feedback.infos))
+    assert result["ENGINE"] == "default:ponds-remote", feedback.errors
+    assert any(info.startswith("Uploaded ") for info in feedback.infos)
+    assert not any("reads the chip folder" in info for info in feedback.infos)
