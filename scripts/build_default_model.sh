@@ -27,6 +27,24 @@ fi
 # the quality table (every number against its threshold) goes into the card's metrics
 "$PY" benchmarks/default_model_quality.py "$RUNS/train/model" --write-card \
     || echo "some quality checks missed their thresholds (see the table above)"
+# what the card says about how it was made: the rebuild command, the chips, the time
+"$PY" - "$RUNS" "$(( $(date +%s) - started ))" <<'PYEOF'
+import json, platform, sys
+from pathlib import Path
+from unigeoseg_backend.default_model.weights_io import write_card_metrics
+runs, seconds = Path(sys.argv[1]), int(sys.argv[2])
+chips = json.loads((runs / "chips" / "build.json").read_text())
+steps = [json.loads(line) for line in (runs / "train" / "metrics.jsonl").open()]
+write_card_metrics(runs / "train" / "model", training={
+    "rebuild": "bash scripts/build_default_model.sh",
+    "config": "trainer/configs/default-v1.toml",
+    "chips": {"seed": chips.get("seed"), "chip_px": chips.get("chip_px"),
+              "train": chips["splits"]["train"]},
+    "train_wall_s": round(steps[-1]["time"] - steps[0]["time"]),
+    "build_wall_s": seconds,
+    "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+})
+PYEOF
 rm -rf "$SHIPPED.new"
 cp -r "$RUNS/train/model" "$SHIPPED.new"
 rm -rf "$SHIPPED"

@@ -81,17 +81,25 @@ def regions(shipped):
     return region
 
 
+def not_reached(measured: str) -> pytest.MarkDecorator:
+    """A criterion the shipped model does not reach yet: the test runs, prints its numbers
+    and must still fail (strict), so the day it passes the mark has to go."""
+    return pytest.mark.xfail(strict=True, reason=f"default-v1 1.0.0 measures {measured} "
+                                                 f"(docs/default-model.md, Quality)")
+
+
 TEXT_CRITERIA = [
     pytest.param(SENTINEL2.name, "water", WATER_WORDINGS, WATER_MIN_IOU,
                  id="sentinel2-water-every-wording-at-least-0.95"),
     pytest.param(SENTINEL2.name, "vegetation", VEGETATION_WORDINGS, VEGETATION_MIN_IOU,
-                 id="sentinel2-vegetation-every-wording-at-least-0.80"),
+                 id="sentinel2-vegetation-every-wording-at-least-0.80",
+                 marks=not_reached("0.74-0.75")),
     pytest.param(LANDSAT8.name, "cloud", CLOUD_WORDINGS, CLOUD_MIN_IOU,
-                 id="landsat8-clouds-vs-bqa-at-least-0.65"),
+                 id="landsat8-clouds-vs-bqa-at-least-0.65", marks=not_reached("0.44")),
     pytest.param(LANDSAT8.name, "cloud", CLOUD_PARAPHRASES, None,
                  id="landsat8-cloud-paraphrases-reported"),
     pytest.param(RMNP.name, "lake", LAKE_WORDINGS, LAKE_MIN_IOU,
-                 id="rmnp-lakes-native-resolution-at-least-0.70"),
+                 id="rmnp-lakes-native-resolution-at-least-0.70", marks=not_reached("0.52")),
 ]
 
 

@@ -250,11 +250,15 @@ def save_default_model(model: DefaultSegmenter, card: ModelCard, folder: Path) -
     return written
 
 
-def write_card_metrics(folder: Path, metrics: dict[str, Any]) -> ModelCard:
-    """Replace the ``metrics`` of the card in ``folder`` (the weights file is untouched; the
-    card is written to a temporary file and renamed over the old one)."""
+def write_card_metrics(folder: Path, metrics: dict[str, Any] | None = None,
+                       training: dict[str, Any] | None = None) -> ModelCard:
+    """Replace the ``metrics`` of the card in ``folder`` and add ``training`` entries to its
+    training section (the weights file is untouched; the card is written to a temporary
+    file and renamed over the old one)."""
     folder = Path(folder)
-    card = replace(read_model_card(folder), metrics=dict(metrics))
+    card = read_model_card(folder)
+    card = replace(card, metrics=dict(card.metrics if metrics is None else metrics),
+                   training={**card.training, **(training or {})})
     staged = folder / f".{MODEL_CARD_FILE}.part"
     staged.write_text(json.dumps(card.to_json(), indent=2) + "\n", encoding="utf-8")
     os.replace(staged, folder / MODEL_CARD_FILE)
