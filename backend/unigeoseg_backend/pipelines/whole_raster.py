@@ -113,6 +113,15 @@ class RasterRunSummary:
 STRETCH_SAMPLE_PX = 1024
 
 
+def raster_rgb_options(dataset: rasterio.DatasetReader, bands: list[int] | None
+                       ) -> RasterOptions:
+    """How every tile of ``dataset`` becomes RGB: 8-bit values kept (also where nodata made
+    a tile float), wider types with one stretch for the whole raster."""
+    if all(dtype == "uint8" for dtype in dataset.dtypes):
+        return RasterOptions(stretch="none")
+    return RasterOptions(value_range=raster_value_range(dataset, bands))
+
+
 def raster_value_range(dataset: rasterio.DatasetReader, bands: list[int] | None
                        ) -> tuple[tuple[float, float], ...] | None:
     """One stretch for every tile of ``dataset`` (``RasterOptions.value_range``): the
@@ -165,7 +174,7 @@ def segment_raster(raster: str | Path, prompt: Prompt, engine: Engine, output: s
             raise CRSError(f"{raster} has no CRS; georeference it first")
         width, height = dataset.width, dataset.height
         tiles = tile_grid(width, height, options.tile, options.overlap)
-        rgb_options = RasterOptions(value_range=raster_value_range(dataset, bands))
+        rgb_options = raster_rgb_options(dataset, bands)
         row_spans = axis_spans(height, options.tile, options.overlap)
         col_spans = axis_spans(width, options.tile, options.overlap)
         polygonizer = StripPolygonizer(
