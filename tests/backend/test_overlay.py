@@ -127,3 +127,16 @@ def test_bad_inputs_fail_with_readable_errors(geotiff, tmp_path):
         dst.write(np.zeros((3, 4, 4), np.uint8))
     with pytest.raises(CRSError, match="no CRS"):
         render_raster_overlay(unplaceable, [], tmp_path / "x.png")
+
+
+def test_the_png_gets_the_permissions_of_any_new_file(tmp_path):
+    import os
+
+    from unigeoseg_backend.geo.overlay import write_png
+
+    umask = os.umask(0o022)
+    try:
+        path = write_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "o.png")
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -235,6 +235,9 @@ def write_png(image: np.ndarray, path: str | os.PathLike[str]) -> Path:
             Image.fromarray(image).save(tmp, format="PNG")
             tmp.flush()
             os.fsync(tmp.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes it private; a PNG is for sharing
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
