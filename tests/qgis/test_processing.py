@@ -193,10 +193,11 @@ def _assert_on_pixel_grid(geometry: QgsGeometry) -> None:
 
 # ---------------------------------------------------------------------------- provider
 
-def test_the_provider_lists_both_algorithms(provider):
+def test_the_provider_lists_its_algorithms(provider):
     assert provider.name() == "UniGeoSeg"
     ids = sorted(alg.id() for alg in provider.algorithms())
-    assert ids == ["unigeoseg:segmentbypoints", "unigeoseg:segmentbytext"]
+    assert ids == ["unigeoseg:finetunemodel", "unigeoseg:segmentbypoints",
+                   "unigeoseg:segmentbytext"]
     registry = QgsApplication.processingRegistry()
     points = registry.algorithmById("unigeoseg:segmentbypoints")
     assert points.displayName() == "Segment by points"
