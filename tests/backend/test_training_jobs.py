@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tests.backend.default_model_folders import save_tiny_default_model
+from tests.conftest import REPO
 
 from unigeoseg_backend.cli.main import main
 from unigeoseg_backend.default_model.weights_io import GsdRange
@@ -89,9 +90,10 @@ def write_chips(root: Path, train: int = 6, val: int = 2) -> Path:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """An empty weights cache of the backends this test starts (no SAM, no UniGeoSeg)."""
+    """An empty weights cache of the backends this test starts (no SAM, no UniGeoSeg), named
+    relative to their working folder as a user may (the trainer runs in another folder)."""
     folder = tmp_path / "cache"
-    monkeypatch.setenv("UNIGEOSEG_CACHE_DIR", str(folder))
+    monkeypatch.setenv("UNIGEOSEG_CACHE_DIR", os.path.relpath(folder, REPO))
     monkeypatch.delenv("UNIGEOSEG_MODEL", raising=False)
     monkeypatch.delenv("UNIGEOSEG_DEFAULT_MODEL", raising=False)
     return folder / "weights"
@@ -99,7 +101,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def backend(cache, base_model, backend_factory):
-    return backend_factory("--default-model", str(base_model))
+    """A backend whose default model is ``base_model``, named relative to its folder."""
+    return backend_factory("--default-model", os.path.relpath(base_model, REPO))
 
 
 def upload_chips(client: Client, root: Path, upload: str, piece_bytes: int = 1000) -> int:

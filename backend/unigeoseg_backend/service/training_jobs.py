@@ -421,8 +421,9 @@ class TrainingJobs:
                  local_chips: bool = True, recipe: FineTuneRecipe = FineTuneRecipe(),
                  max_upload_bytes: int = MAX_UPLOAD_BYTES):
         self.engines = engines
-        self.models_root = Path(cache) / FINETUNED_FOLDER
-        self.training_root = Path(cache) / "tmp" / "training"
+        cache = Path(cache).resolve()  # the trainer runs in the job's folder
+        self.models_root = cache / FINETUNED_FOLDER
+        self.training_root = cache / "tmp" / "training"
         self.work = self.training_root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.device = device
         self.local_chips = local_chips
@@ -552,7 +553,8 @@ class TrainingJobs:
                 if not self.local_chips:
                     raise InvalidInputError("this backend runs on another machine: send the "
                                             "chips with train_upload instead of chips_dir")
-                chips_root = Path(request.chips_dir).expanduser()  # type: ignore[arg-type]
+                # resolved: the trainer runs in the job's folder
+                chips_root = Path(request.chips_dir).expanduser().resolve()  # type: ignore[arg-type]
                 if not chips_root.is_dir():
                     raise InvalidInputError(f"the chips folder {chips_root} does not exist")
             try:
@@ -711,8 +713,9 @@ class TrainingJobs:
         if base == "default":
             engine = self.engines.get("default")
             folder: Path = engine.loaded.folder  # type: ignore[attr-defined]
-            return Path(folder)
-        return self.models_root / base.split(":", 1)[1]
+        else:
+            folder = self.models_root / base.split(":", 1)[1]
+        return Path(folder).resolve()  # the trainer runs in the job's folder
 
     def _follow(self, job: TrainingJob, follower: MetricsFollower) -> None:
         rows = follower.new_rows()
