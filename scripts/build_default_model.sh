@@ -31,12 +31,14 @@ fi
 "$PY" - "$RUNS" "$(( $(date +%s) - started ))" <<'PYEOF'
 import json, platform, sys
 from pathlib import Path
+from unigeoseg_backend.default_model.card_data import TRAINING_DATA
 from unigeoseg_backend.default_model.weights_io import write_card_metrics
 runs, seconds = Path(sys.argv[1]), int(sys.argv[2])
 chips = json.loads((runs / "chips" / "build.json").read_text())
 steps = [json.loads(line) for line in (runs / "train" / "metrics.jsonl").open()]
 write_card_metrics(runs / "train" / "model", training={
     "rebuild": "bash scripts/build_default_model.sh",
+    "data": TRAINING_DATA,
     "config": "trainer/configs/default-v1.toml",
     "chips": {"seed": chips.get("seed"), "chip_px": chips.get("chip_px"),
               "train": chips["splits"]["train"]},
