@@ -205,12 +205,19 @@ def test_an_uploaded_chip_set_is_fine_tuned_into_a_model_hello_lists_and_that_an
     assert str(cache / "finetuned" / "blue-roofs") in listed[0]
 
 
-def test_a_click_is_answered_while_a_job_runs_and_cancel_stops_it_saving_nothing(
+def test_jobs_run_one_at_a_time_a_click_is_answered_meanwhile_and_cancel_saves_nothing(
         backend, cache, tmp_path):
     chips = write_chips(tmp_path / "chips")
     with Client(backend.address, timeout_s=60) as client:
         job = client.call(TrainStartRequest("never-saved", chips_dir=str(chips),
                                             max_steps=5000))
+        waiting = client.call(TrainStartRequest("waits", chips_dir=str(chips), max_steps=5))
+        assert waiting.state == "queued", "jobs run one at a time"
+        assert client.call(TrainCancelRequest(waiting.job)).state == "cancelled"
+        with pytest.raises(RemoteError) as taken:
+            client.call(TrainStartRequest("never-saved", chips_dir=str(chips), max_steps=5))
+        assert taken.value.code == ErrorCode.INVALID_ARGUMENT
+        assert "never-saved" in taken.value.message
         running = wait_for(client, job.job, lambda r: r.step >= 2 or r.finished,
                            JOB_DEADLINE_S)
         assert running.state == "running", running.message

@@ -590,6 +590,8 @@ class TrainingJobs:
         if job.state not in FINAL_TRAINING_STATES:
             self._request_cancel(job)
         with self._lock:
+            if job.state == "queued":  # final at once: the supervisor will skip it
+                job.state, job.message = "cancelled", "cancelled before it started"
             return job.reply(len(job.events))
 
     def _job(self, job_id: str) -> TrainingJob:
@@ -668,7 +670,7 @@ class TrainingJobs:
 
     def _run(self, job: TrainingJob) -> None:
         if job.cancel_requested.is_set():
-            self._end(job, "cancelled", "cancelled before it started; no model was saved")
+            self._end(job, "cancelled", "cancelled before it started")
             return
         base_folder = self._base_folder(job.base)
         output_dir = job.folder / "run"
