@@ -70,12 +70,20 @@ class MiniLMTextEncoder:
                  cache_size: int = 1024):
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         model_dir = model_dir or minilm_model_dir()
         self._torch = torch
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+        # The service logs JSON lines on stderr: no "Loading weights" progress bar in them.
+        bar_was_on = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+        finally:
+            if bar_was_on:
+                transformers_logging.enable_progress_bar()
         self.model.eval().to(self.device)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
