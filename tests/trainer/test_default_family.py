@@ -276,3 +276,19 @@ def test_photometric_jitter_is_refused_outside_the_default_model_family():
     with pytest.raises(ConfigError) as raised:
         parse_config(raw, check_paths=False)
     assert raised.value.key == "augment.photometric"
+
+
+def test_a_time_budget_ends_the_run_early_with_a_checkpoint_and_an_export(chips, tmp_path):
+    sections = default_sections(tmp_path / "out", run={"max_steps": 500, "max_seconds": 0.001},
+                                validation={"at_start": True})
+    config = write_config(tmp_path / "run.toml", sections,
+                          [{"name": "local", "root": chips, "split": "train"}],
+                          [{"name": "local", "root": chips, "split": "val"}])
+    done = run_trainer(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "time budget of 0.001 s reached at step 1" in done.stderr
+    card = json.loads((tmp_path / "out" / "model" / "model_card.json").read_text())
+    summary = json.loads((tmp_path / "out" / "validation" / "summary.json").read_text())
+    print("steps", card["training"]["steps"], "after", summary["after"])
+    assert card["training"]["steps"] == 1 and summary["after"]["step"] == 1
+    assert (tmp_path / "out" / "checkpoints" / "step_00000001").is_dir()

@@ -61,6 +61,10 @@ class RunConfig:
     output_dir: str = "runs/unigeoseg"
     seed: int = 1337
     max_steps: int = 1000           #: optimizer steps of the whole run
+    #: a time budget as well (0: none): the run ends after the step that passes it, and the
+    #: learning rate follows whichever budget is further along (so a time-bound run still
+    #: decays; it then depends on the machine's speed, and a resume gets a fresh budget)
+    max_seconds: float = 0.0
     log_every: int = 1              #: steps between progress lines (metrics go out every step)
     checkpoint_every: int = 1000    #: steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3       #: newest checkpoints kept; older ones are deleted
@@ -370,6 +374,7 @@ def _require(ok: bool, key: str, message: str) -> None:
 def _check(c: TrainConfig, check_paths: bool) -> None:
     """Ranges and cross-field rules; paths too when ``check_paths``."""
     _require(c.run.max_steps >= 1, "run.max_steps", "must be at least 1")
+    _require(c.run.max_seconds >= 0, "run.max_seconds", "must not be negative")
     _require(c.run.log_every >= 1, "run.log_every", "must be at least 1")
     _require(c.run.checkpoint_every >= 1, "run.checkpoint_every", "must be at least 1")
     _require(c.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")

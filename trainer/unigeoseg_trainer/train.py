@@ -53,7 +53,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,7 @@ class Run:
     validator: Validator
     batches: BatchReader            # reads the sampler's micro-batches (ahead)
     step: int = 0                   # optimizer steps done
+    budget_share: float = 0.0       # share of run.max_seconds used (0 without a time budget)
     classes: list[Any] = field(default_factory=list)   # the default model's KnownClasses
     base_card: Any = None           # the default model's card it started from, if any
     phrases: Any = None             # the default model's PhraseEmbeddings
@@ -436,7 +437,8 @@ def train_step(run: Run, failures: ReadFailures) -> StepResult:
     """One optimizer step (module docstring); raises NonFiniteLossError before applying a
     bad one."""
     config, world = run.config, run.world
-    lr = run.lr_schedule.at(run.step)
+    # with a time budget the schedule moves on with the clock when that runs out first
+    lr = run.lr_schedule.at(max(run.step, int(run.budget_share * config.run.max_steps)))
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     accumulation = config.batch.accumulation
@@ -557,8 +559,12 @@ def run_loop(run: Run) -> Path:
             _progress(run) as bar:
         if run.is_default_model and config.validation.at_start and run.step == 0:
             validate_default_model(run, metrics, "before")
+        loop_started = time.monotonic()
         while run.step < config.run.max_steps:
             started = time.perf_counter()
+            if config.run.max_seconds:
+                run.budget_share = agreed_elapsed(world, time.monotonic() - loop_started) \
+                    / config.run.max_seconds
             result = train_step(run, failures)
             throughput.update(result.samples)
             steps_left = config.run.max_steps - run.step
@@ -579,6 +585,12 @@ def run_loop(run: Run) -> Path:
                     bar.set_postfix_str(line, refresh=False)
                 else:
                     logger.info("%s", line)
+            if config.run.max_seconds and agreed_elapsed(
+                    world, time.monotonic() - loop_started) >= config.run.max_seconds:
+                logger.info("time budget of %g s reached at step %d", config.run.max_seconds,
+                            run.step)
+                config = replace(config, run=replace(config.run, max_steps=run.step))
+                run.config = config
             if run.step % config.run.checkpoint_every == 0 or run.step == config.run.max_steps:
                 save(run)
                 throughput.restart()
@@ -595,6 +607,15 @@ def run_loop(run: Run) -> Path:
                 throughput.restart()
     run.batches.close()
     return export(run)
+
+
+def agreed_elapsed(world: World, seconds: float) -> float:
+    """The longest of every process's elapsed ``seconds`` (so all stop at the same step)."""
+    if not world.distributed:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
 
 
 def validate_default_model(run: Run, metrics: MetricsLog, moment: str | None) -> None:
