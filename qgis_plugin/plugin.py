@@ -49,6 +49,8 @@ class UniGeoSegPlugin:
         self.provider = None
         self.install_action = None
         self.install_task = None
+        self.finetune_action = None
+        self.finetune_dialog = None
 
     # ------------------------------------------------------------------ QGIS hooks
 
@@ -69,6 +71,9 @@ class UniGeoSegPlugin:
         self.install_action = QAction("Install dependencies (pyzmq)", self.iface.mainWindow())
         self.install_action.triggered.connect(self.install_dependencies)
         self.iface.addPluginToRasterMenu(MENU, self.install_action)
+        self.finetune_action = QAction("Fine-tune model…", self.iface.mainWindow())
+        self.finetune_action.triggered.connect(self.show_finetune_dialog)
+        self.iface.addPluginToRasterMenu(MENU, self.finetune_action)
 
     def unload(self) -> None:
         if self.map_tool is not None:
@@ -89,6 +94,10 @@ class UniGeoSegPlugin:
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None
+        if self.finetune_dialog is not None:
+            self.finetune_dialog.close()  # cancels a fine-tune that runs
+            self.finetune_dialog.deleteLater()
+            self.finetune_dialog = None
         from .tasks import cancel_all
 
         cancel_all()
@@ -103,10 +112,11 @@ class UniGeoSegPlugin:
         if self.install_task is not None:
             self.install_task.cancel()
             self.install_task = None
-        if self.install_action is not None:
-            self.iface.removePluginRasterMenu(MENU, self.install_action)
-            self.install_action.deleteLater()
-            self.install_action = None
+        for menu_action in (self.install_action, self.finetune_action):
+            if menu_action is not None:
+                self.iface.removePluginRasterMenu(MENU, menu_action)
+                menu_action.deleteLater()
+        self.install_action = self.finetune_action = None
         if self.action is not None:
             self.iface.removeRasterToolBarIcon(self.action)
             self.iface.removePluginRasterMenu(MENU, self.action)
@@ -233,6 +243,29 @@ class UniGeoSegPlugin:
             self._message(f"{exc}; connecting without authentication",
                           Qgis.MessageLevel.Warning)
             return None
+
+    # ------------------------------------------------------------------ fine-tune
+
+    def show_finetune_dialog(self) -> None:
+        """The "Fine-tune model" dialog, on the backend of the settings; its base models are
+        read from the backend each time it is shown."""
+        from .core.curve import CurveKeyError, curve_keys
+        from .gui.finetune_dialog import FineTuneDialog
+
+        try:
+            curve = curve_keys(self.settings)
+        except CurveKeyError as exc:
+            self._message(str(exc), Qgis.MessageLevel.Critical)
+            return
+        if self.finetune_dialog is None:
+            self.finetune_dialog = FineTuneDialog(self.settings.backend_address, curve,
+                                                  self.iface.mainWindow())
+        elif self.finetune_dialog.task is None:  # the settings may have changed meanwhile
+            self.finetune_dialog.address = self.settings.backend_address
+            self.finetune_dialog.curve = curve
+        self.finetune_dialog.show()
+        self.finetune_dialog.raise_()
+        self.finetune_dialog.read_base_models()
 
     # ------------------------------------------------------------------ dependencies
 
