@@ -199,7 +199,8 @@ def test_sam_is_not_asked_text_and_the_text_engine_needs_a_model(tiny_sam_checkp
         segmenter.segment(record, Prompt(text=TEXT, task="referring"),
                           SegmentOptions(engine="sam"))
     with pytest.raises(EngineUnavailableError, match="--model"):
-        segmenter.segment(record, Prompt(text=TEXT, task="referring"), SegmentOptions())
+        segmenter.segment(record, Prompt(text=TEXT, task="referring"),
+                          SegmentOptions(engine="unigeoseg"))
 
 
 def test_a_model_name_resolves_in_the_weights_cache(tmp_path, monkeypatch):
@@ -366,13 +367,16 @@ def test_predict_reasoning_text_around_a_point(geotiff, tmp_path, tiny_model_dir
     assert maxy <= ORIGIN[1] and miny >= ORIGIN[1] - 2.0 * 256
 
 
-def test_predict_text_without_a_model_says_how_to_give_one(geotiff, tmp_path):
+def test_predict_text_without_a_unigeoseg_model_is_answered_by_the_default_model(geotiff,
+                                                                                 tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "UNIGEOSEG_MODEL"}
     result = _predict(str(geotiff), "--text", TEXT, "--device", "cpu",
                       "-o", str(tmp_path / "x.gpkg"), env=env)
-    assert result.returncode == 1
-    assert "--model" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "x.gpkg").exists()
+    print(result.stdout)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "engine default" in result.stdout
+    # the shipped default model knows no warehouses: no polygons, and it says so
+    assert "0 polygon(s)" in result.stdout and "does not segment" in result.stdout
 
 
 def test_predict_text_uses_the_configured_default_model(geotiff, tmp_path, tiny_model_dir):
