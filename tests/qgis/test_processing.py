@@ -231,7 +231,8 @@ def test_the_provider_loads_without_pyzmq():
                             timeout=120, env={**__import__("os").environ,
                                               "QT_QPA_PLATFORM": "offscreen"})
     assert result.returncode == 0, result.stderr
-    assert "['unigeoseg:segmentbypoints', 'unigeoseg:segmentbytext']" in result.stdout
+    assert ("['unigeoseg:finetunemodel', 'unigeoseg:segmentbypoints', "
+            "'unigeoseg:segmentbytext']") in result.stdout
 
 
 def test_without_pyzmq_an_algorithm_says_how_to_install_it(provider, scene, tmp_path,
@@ -422,14 +423,19 @@ def test_without_a_label_field_every_point_is_foreground(provider, scene, backen
         _assert_on_pixel_grid(feature.geometry())
 
 
-def test_the_text_algorithm_says_the_text_engine_is_not_available(provider, scene, backend,
-                                                                  tmp_path):
+def test_the_text_algorithm_without_unigeoseg_asks_the_default_model_and_says_what_it_said(
+        provider, scene, backend, tmp_path):
     _, raster = scene
-    message = _run_failing("unigeoseg:segmentbytext", {
+    feedback = RecordingFeedback()
+    out = tmp_path / "text.gpkg"
+    _run("unigeoseg:segmentbytext", {
         "INPUT": raster, "PROMPT": "the yellow roof", "TASK": 0,
-        "BACKEND": backend.address, "OUTPUT": str(tmp_path / "text.gpkg")})
-    assert re.search(r"text engine is not available in the backend .*serve --model", message), \
-        message
+        "BACKEND": backend.address, "OUTPUT": str(out)}, feedback)
+    print(feedback.warnings)
+    # the shipped default model knows no roofs: no polygons, and its message once
+    assert _read_output(out) == []
+    said = [w for w in feedback.warnings if w.startswith("default:")]
+    assert len(said) == 1 and "roof" in said[0], feedback.warnings
 
 
 def test_no_backend_is_a_clear_error(provider, scene, tmp_path):
