@@ -167,7 +167,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         verified = _VERIFIED_WORDS[row.verified] if row.path.exists() else "-"
         why = f"  ({row.problem})" if row.problem else ""
         print(f"{marked:<{width}}  {_KIND_TITLES[row.kind]:<18}  {size:>10}  "
-              f"{_state(row):<16}  {verified:<8}  {row.path}{why}")
+              f"{_state(row):<16}  {verified:<8}  {os.path.abspath(row.path)}{why}")
     return 0
 
 
