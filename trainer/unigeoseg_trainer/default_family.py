@@ -346,6 +346,16 @@ def prompts_to(prompts: PromptBatch, device: torch.device) -> PromptBatch:
 
 # ------------------------------------------------------------------ loss
 
+def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """B IoUs of the masks ``logits > 0`` (B x 1 x h x w, upsampled bilinearly to the
+    targets' grid) with ``targets`` (B x H x W bool); 1 where both are empty."""
+    full = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
+                         align_corners=False)[:, 0] > 0
+    inter = (full & targets).flatten(1).sum(1).float()
+    union = (full | targets).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
 def default_loss(model: torch.nn.Module, batch: DefaultBatch, loss: TrainingLoss,
                  num_masks: float, iou_weight: float, device: torch.device,
                  generators: Any) -> LossResult:
@@ -356,11 +366,7 @@ def default_loss(model: torch.nn.Module, batch: DefaultBatch, loss: TrainingLoss
     logits, iou_logits = model(batch.images.to(device), prompts_to(batch.prompts, device))
     result = loss([logits], targets, num_masks, generator=generators)
     with torch.no_grad():
-        full = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
-                             align_corners=False)[:, 0] > 0
-        inter = (full & targets).flatten(1).sum(1).float()
-        union = (full | targets).flatten(1).sum(1).float()
-        actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        actual = mask_iou(logits, targets)
     iou_term = F.mse_loss(torch.sigmoid(iou_logits.float().reshape(-1)), actual,
                           reduction="sum") / num_masks
     total = result.total + iou_weight * iou_term
@@ -397,13 +403,7 @@ def validate_default(model: DefaultSegmenter, listings: Sequence[DatasetListing]
                 if batch is None:
                     continue
                 logits, _ = model(batch.images.to(device), prompts_to(batch.prompts, device))
-                targets = batch.targets.to(device)
-                full = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
-                                     align_corners=False)[:, 0] > 0
-                inter = (full & targets).flatten(1).sum(1).float()
-                union = (full | targets).flatten(1).sum(1).float()
-                iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-                dataset_ious += iou.tolist()
+                dataset_ious += mask_iou(logits, batch.targets.to(device)).tolist()
         per_dataset.append({"name": key, "iou": float(np.mean(dataset_ious)) if dataset_ious
                             else None, "count": len(dataset_ious)})
         ious += dataset_ious
